@@ -1,0 +1,70 @@
+"""Orbax storage: converted model variables and resumable training state.
+
+Converted checkpoints are plain pytrees (``params``/``batch_stats``) with a small JSON metadata file
+beside them, so they restore without the converter or torch. Every write goes to a temporary name and
+is renamed into place, so an interrupted write never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+META_FILE = "cgn_meta.json"
+_TREE_DIR = "variables"
+
+
+class CheckpointError(Exception):
+  """A checkpoint path that is missing or not ours; the message says how to make one."""
+
+
+def save_variables(path: str, variables: Any, meta: dict[str, Any] | None = None) -> None:
+  """Writes ``variables`` (a pytree of arrays) and ``meta`` atomically to directory ``path``."""
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} exists already; remove it or choose another output directory")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    tree = jax.tree_util.tree_map(np.asarray, variables)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(meta or {}, f, indent=1, default=str)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_meta(path: str) -> dict[str, Any]:
+  _check(path)
+  with open(os.path.join(path, META_FILE)) as f:
+    return json.load(f)
+
+
+def load_variables(path: str, family: str | None = None) -> Any:
+  """Restores a converted checkpoint as numpy arrays; ``family`` guards against the wrong file."""
+  meta = load_meta(path)
+  if family is not None and meta.get("family") != family:
+    raise CheckpointError(
+        f"{path} holds a '{meta.get('family')}' checkpoint, expected '{family}'")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.join(os.path.abspath(path), _TREE_DIR))
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _check(path: str) -> None:
+  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, META_FILE)):
+    raise CheckpointError(
+        f"{path} is not a converted checkpoint; make one with "
+        "`python -m converters FAMILY SRC.pth {path}`")

@@ -1,0 +1,97 @@
+"""Layers with the exact semantics of their torch counterparts, shared by every model family.
+
+Everything is NHWC. Each class documents the torch behaviour it reproduces because that behaviour
+(not Flax's default) is what the converted checkpoints were trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+
+class TorchBatchNorm(nn.Module):
+  """torch.nn.BatchNorm{1,2}d over the last axis.
+
+  Semantic traps reproduced here: torch's ``momentum`` weighs the *new* batch statistic (Flax's
+  weighs the old one), normalisation uses the biased batch variance but the running variance is
+  updated with the *unbiased* one, and ``num_batches_tracked`` counts train-mode calls.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    nbt = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // c
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * (n / max(n - 1, 1))
+        nbt.value = nbt.value + 1
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean.astype(x.dtype)) / jnp.sqrt(var + self.epsilon).astype(x.dtype)
+    return (y * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
+
+
+def instance_norm(x: Array, eps: float = 1e-5) -> Array:
+  """torch.nn.InstanceNorm2d(affine=False, track_running_stats=False): per-sample, per-channel,
+  biased variance, identical in train and eval."""
+  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps)
+
+
+def upsample_nearest(x: Array, factor: int = 2) -> Array:
+  """nn.Upsample(scale_factor=factor) (mode 'nearest') for an integer factor: pixel repetition."""
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def avg_pool_floor(x: Array, k: int) -> Array:
+  """nn.AvgPool2d(k) (stride k, no padding, floor mode): windows that do not fit are dropped,
+  so e.g. a 5x5 map with k=3 keeps only its top-left 3x3 window."""
+  return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+
+
+def max_pool_torch(x: Array, k: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> Array:
+  """nn.MaxPool2d with torch padding (-inf) and optional ceil mode.
+
+  In ceil mode torch adds a last window that may start inside the padded input but overhang it; the
+  overhang is padded with -inf here. torch drops such a window if it would start in the right padding.
+  """
+  def extra(size: int) -> int:
+    padded = size + 2 * padding
+    if not ceil_mode:
+      return 0
+    out = -(-(padded - k) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+      out -= 1
+    return max(0, (out - 1) * stride + k - padded)
+
+  h, w = x.shape[1], x.shape[2]
+  pads = ((0, 0), (padding, padding + extra(h)), (padding, padding + extra(w)), (0, 0))
+  x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, stride, stride, 1), "VALID")
+
+
+def leaky_relu(x: Array) -> Array:
+  """LeakyReLU(0.2), the authors' only slope."""
+  return nn.leaky_relu(x, 0.2)

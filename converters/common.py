@@ -1,0 +1,154 @@
+"""Shared machinery of every PyTorch -> Orbax conversion.
+
+A family module (``converters/mnist.py``, ``converters/biggan.py``, ...) only says *which* torch key
+goes *where*; everything about reading ``.pth`` files, tensor layouts and loud failures lives here so
+that every family fails the same way: one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+
+class ConversionError(Exception):
+  """A checkpoint that cannot be converted; the message is one line naming the cause."""
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a torch ``.pth`` (zip or legacy pickle) into float32/int64 numpy arrays.
+
+  Accepts a bare state dict or a dict wrapping one under ``state_dict``/``model``. Float tensors of
+  any precision are cast to float32: some published files (and two fixtures) store float16.
+  """
+  if not os.path.isfile(path):
+    raise ConversionError(f"no such file: {path}")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ConversionError(
+        "reading .pth needs torch: pip install 'cgn_jax[convert]' "
+        "(a CPU build is enough: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+    ) from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many unrelated types for a bad file
+    kind = "truncated or corrupt zip" if zipfile.is_zipfile(path) or _looks_like_zip(path) else "not a torch checkpoint"
+    raise ConversionError(f"{path}: {kind} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+  if isinstance(obj, Mapping) and not _is_state_dict(obj):
+    for key in ("state_dict", "model", "generator"):
+      if key in obj and _is_state_dict(obj[key]):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+    raise ConversionError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
+  out = {}
+  for k, v in obj.items():
+    a = v.detach().cpu()
+    if a.is_floating_point():
+      a = a.float()
+    out[k] = a.numpy()
+  return out
+
+
+def _looks_like_zip(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(4) == b"PK\x03\x04"
+
+
+def _is_state_dict(obj: Any) -> bool:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return isinstance(obj, Mapping) and len(obj) > 0 and all(
+      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor layouts: torch is NCHW/OIHW and Linear stores (out, in); Flax is NHWC/HWIO and (in, out).
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+  """OIHW -> HWIO."""
+  return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+  """(out, in) -> (in, out)."""
+  return np.ascontiguousarray(w.T)
+
+
+class StateDictReader:
+  """Hands out torch tensors by key and remembers which ones were used.
+
+  Every ``take`` checks presence and shape; ``finish`` rejects keys nobody took. This is what makes
+  a mis-mapped or foreign checkpoint fail with the key's name instead of a shape error deep in Flax.
+  """
+
+  def __init__(self, state_dict: Mapping[str, np.ndarray], family: str, prefix: str = ""):
+    self.sd = dict(state_dict)
+    self.family = family
+    self.prefix = prefix
+    self.used: set[str] = set()
+
+  def has(self, key: str) -> bool:
+    return self.prefix + key in self.sd
+
+  def take(self, key: str, shape: Iterable[int] | None = None) -> np.ndarray:
+    full = self.prefix + key
+    if full not in self.sd:
+      raise ConversionError(f"{self.family}: missing key '{full}' (is this a {self.family} checkpoint?)")
+    a = self.sd[full]
+    if shape is not None and tuple(a.shape) != tuple(shape):
+      raise ConversionError(
+          f"{self.family}: key '{full}' has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    self.used.add(full)
+    return a
+
+  def skip(self, key: str) -> None:
+    """Marks a key as known but unused (e.g. torch's num_batches_tracked where we do not need it)."""
+    if self.prefix + key in self.sd:
+      self.used.add(self.prefix + key)
+
+  def linear(self, key: str, in_dim: int, out_dim: int, bias: bool = True) -> dict[str, np.ndarray]:
+    p = {"kernel": linear_kernel(self.take(f"{key}.weight", (out_dim, in_dim)))}
+    if bias:
+      p["bias"] = self.take(f"{key}.bias", (out_dim,))
+    return p
+
+  def conv(self, key: str, cin: int, cout: int, kh: int, kw: int | None = None,
+           bias: bool = True) -> dict[str, np.ndarray]:
+    kw = kh if kw is None else kw
+    p = {"kernel": conv_kernel(self.take(f"{key}.weight", (cout, cin, kh, kw)))}
+    if bias:
+      p["bias"] = self.take(f"{key}.bias", (cout,))
+    return p
+
+  def embedding(self, key: str, num: int, dim: int) -> dict[str, np.ndarray]:
+    return {"embedding": self.take(f"{key}.weight", (num, dim))}
+
+  def batch_norm(self, key: str, c: int) -> tuple[dict, dict]:
+    """torch BatchNorm{1,2}d -> (params, batch_stats) of ``cgn_jax.models.layers.TorchBatchNorm``."""
+    params = {"scale": self.take(f"{key}.weight", (c,)), "bias": self.take(f"{key}.bias", (c,))}
+    stats = {"mean": self.take(f"{key}.running_mean", (c,)),
+             "var": self.take(f"{key}.running_var", (c,))}
+    if self.has(f"{key}.num_batches_tracked"):
+      stats["num_batches_tracked"] = np.asarray(
+          self.take(f"{key}.num_batches_tracked"), np.int32).reshape(())
+    return params, stats
+
+  def finish(self) -> None:
+    unknown = [k for k in self.sd if k not in self.used]
+    if unknown:
+      more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+      raise ConversionError(f"{self.family}: unknown key '{unknown[0]}'{more}")
+
+
+def infer_dim(sd: Mapping[str, np.ndarray], key: str, axis: int, family: str) -> int:
+  """Reads a width from a tensor shape, so families of any size convert without flags."""
+  if key not in sd:
+    raise ConversionError(f"{family}: missing key '{key}' (is this a {family} checkpoint?)")
+  return int(sd[key].shape[axis])

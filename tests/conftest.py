@@ -1,0 +1,73 @@
+"""Shared test plumbing: where the golden fixtures and shared data live, and what to do without them.
+
+The folders come from ``CGN_FIXTURES`` / ``CGN_DATA`` (defaults: ../shared/... beside the checkout).
+Without them a test is skipped with the reason, except under ``CI=true`` where a missing folder is a
+failure: CI must never go green by skipping every parity test.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("CGN_FIXTURES", os.path.join(_ROOT, "..", "shared", "fixtures"))
+DATA = os.environ.get("CGN_DATA", os.path.join(_ROOT, "..", "shared", "data"))
+
+
+def _require(path: str, what: str, env: str) -> str:
+  if os.path.isdir(path):
+    return os.path.abspath(path)
+  msg = f"{what} not found at {os.path.abspath(path)}; set {env} to the shared/{what.split()[0]} folder"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(msg + " (required when CI=true)")
+  pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> str:
+  return _require(FIXTURES, "fixtures folder", "CGN_FIXTURES")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+  return _require(DATA, "data folder", "CGN_DATA")
+
+
+def fixture_stems(prefix: str) -> list[str]:
+  """File stems of the ``<prefix>*.npz`` fixtures, for parametrising parity tests at collection time.
+
+  When the folder is missing this returns one placeholder so that the test still runs and the
+  ``fixtures_dir`` fixture skips (or fails under CI) with the reason.
+  """
+  stems = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(FIXTURES, prefix + "*.npz")))
+  return stems or [f"{prefix}<no fixtures found>"]
+
+
+def load_fixture(fixtures_dir: str, stem: str) -> dict[str, np.ndarray]:
+  path = os.path.join(fixtures_dir, stem + ".npz")
+  if not os.path.isfile(path):
+    msg = f"fixture {path} missing"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+  return np.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def assert_close(actual, expected, atol: float = 1e-5, rtol: float = 0.0, name: str = "") -> None:
+  """max |a-e| <= atol + rtol*|e|, with the worst offender in the message."""
+  a = np.asarray(actual, np.float64)
+  e = np.asarray(expected, np.float64)
+  assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+  err = np.abs(a - e) - (atol + rtol * np.abs(e))
+  worst = float(np.max(np.abs(a - e))) if a.size else 0.0
+  assert np.all(err <= 0), f"{name}: max abs error {worst:.3g} exceeds atol={atol} rtol={rtol}"
