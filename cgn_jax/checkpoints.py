@@ -68,3 +68,22 @@ def _check(path: str) -> None:
     raise CheckpointError(
         f"{path} is not a converted checkpoint; make one with "
         "`python -m converters FAMILY SRC.pth {path}`")
+
+
+def load_or_convert(checkpoint: str, family: str, cache_dir: str) -> tuple[Any, dict[str, Any]]:
+  """Variables and metadata from a converted Orbax dir, or from a ``.pth`` converted on first use.
+
+  A ``.pth`` is converted once into ``cache_dir/<file stem>`` (needs the ``convert`` extra); later
+  runs reuse that directory.
+  """
+  if os.path.isfile(checkpoint):
+    dst = os.path.join(cache_dir, f"{family}_{os.path.splitext(os.path.basename(checkpoint))[0]}")
+    if not os.path.isdir(dst):
+      from converters.registry import convert_file  # pylint: disable=import-outside-toplevel
+      convert_file(family, checkpoint, dst)
+    checkpoint = dst
+  if not os.path.exists(checkpoint):
+    raise CheckpointError(
+        f"checkpoint {checkpoint} not found; give a .pth of the authors or a directory made by "
+        f"`python -m converters {family} SRC.pth DST`")
+  return load_variables(checkpoint, family=family), load_meta(checkpoint)

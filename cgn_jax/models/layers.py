@@ -24,7 +24,7 @@ class TorchBatchNorm(nn.Module):
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
-  dtype: Any = jnp.float32
+  dtype: Any = None  # output dtype; None keeps the input's (bf16 in, bf16 out)
   scale_init: Any = nn.initializers.ones
   bias_init: Any = nn.initializers.zeros
 
@@ -49,7 +49,7 @@ class TorchBatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (x - mean.astype(x.dtype)) / jnp.sqrt(var + self.epsilon).astype(x.dtype)
-    return (y * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
+    return (y * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype or x.dtype)
 
 
 def instance_norm(x: Array, eps: float = 1e-5) -> Array:

@@ -1,0 +1,41 @@
+"""Classifiers: the authors' MNIST CNN (mnists/models/classifier.py).
+
+The ImageNet invariant ensemble (ResNet-50 backbone with shape/texture/background heads) belongs here
+too when it is ported.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cgn_jax.models import init as inits
+from cgn_jax.models.layers import TorchBatchNorm, avg_pool_floor, max_pool_torch
+
+Array = jax.Array
+
+
+class MnistCNN(nn.Module):
+  """BN on the input, four convs, AvgPool2d(7), linear, log-softmax; torch default init."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    def conv(name, cout, k, s, x):
+      return nn.Conv(cout, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, name=name,
+                     kernel_init=inits.kernel_init("torch_default", 0),
+                     bias_init=inits.bias_init("torch_default", k * k * x.shape[-1]))(x)
+    x = TorchBatchNorm(name="bn_in")(x, train)
+    x = nn.relu(conv("conv0", 32, 5, 1, x))
+    x = max_pool_torch(x, 3, 2, padding=1)
+    x = nn.relu(conv("conv1", 32, 3, 1, x))
+    x = nn.relu(conv("conv2", 64, 3, 2, x))
+    x = nn.relu(conv("conv3", 64, 3, 1, x))
+    x = avg_pool_floor(x, 7)  # the 8x8 map's top-left 7x7 window only
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.num_classes, name="fc", kernel_init=inits.kernel_init("torch_default", 0),
+                 bias_init=inits.bias_init("torch_default", x.shape[-1]))(x)
+    return jax.nn.log_softmax(x, axis=-1)

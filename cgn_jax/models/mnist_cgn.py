@@ -1,0 +1,192 @@
+"""The MNIST CGN of the authors (mnists/models/cgn.py) and its two discriminators, in Flax.
+
+Three small conditional generators — shape (mask), texture 1 (foreground), texture 2 (background) —
+share the input ``[u, label_emb(y)]``. Parameter names follow the torch module indices so that the
+converter's mapping reads like the checkpoint (``f_text1.3`` -> ``f_text1/conv1``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cgn_jax.models import init as inits
+from cgn_jax.models.layers import (TorchBatchNorm, avg_pool_floor, instance_norm, leaky_relu,
+                                   upsample_nearest)
+
+Array = jax.Array
+MASK_MIN, MASK_MAX = 1e-4, 1 - 1e-4
+
+
+class _Mechanism(nn.Module):
+  """Linear -> (C, s, s) -> upsampling conv blocks; ``shape`` adds instance norms, ``texture`` a tanh."""
+  kind: str  # "shape" or "texture"
+  ngf: int
+  init_sz: int
+  init_type: str
+  init_gain: float
+
+  @nn.compact
+  def __call__(self, inp: Array, train: bool) -> Array:
+    kinit = inits.kernel_init(self.init_type, self.init_gain)
+    conv = partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), kernel_init=kinit)
+    bn = partial(TorchBatchNorm, scale_init=inits.bn_scale_init(self.init_type, self.init_gain))
+    c0 = 2 * self.ngf
+    x = nn.Dense(c0 * self.init_sz ** 2, kernel_init=kinit, name="fc",
+                 bias_init=inits.bias_init(self.init_type, inp.shape[-1]))(inp)
+    # torch reshapes the linear output as (C, H, W): channel-major, then we move C last.
+    x = x.reshape(-1, c0, self.init_sz, self.init_sz).transpose(0, 2, 3, 1)
+    if self.kind == "shape":
+      x = instance_norm(x)
+      for i, cout in enumerate((self.ngf, 1), start=1):
+        x = upsample_nearest(x)
+        x = conv(cout, use_bias=False, name=f"conv{i}")(x)
+        x = leaky_relu(bn(name=f"bn{i}")(x, train))
+        x = instance_norm(x)  # applied after the LeakyReLU, so the raw mask map reaches about ±12
+      return x
+    for i, cout in enumerate((c0, self.ngf), start=1):
+      x = upsample_nearest(x)
+      x = conv(cout, use_bias=False, name=f"conv{i}")(x)
+      x = leaky_relu(bn(name=f"bn{i}")(x, train))
+    x = conv(3, use_bias=True, name="conv3")(x)
+    return jnp.tanh(bn(name="bn3")(x, train))
+
+
+def tile_2x2(x: Array) -> Array:
+  """Patch2Image(sz, 2): the 2x2 tiling of an NHWC batch (concatenate along W, then H)."""
+  return jnp.tile(x, (1, 2, 2, 1))
+
+
+def shuffle_crop(key: Array, x: Array) -> tuple[Array, Array]:
+  """The authors' texture shuffler: tile 2x2, then a random full-size crop per sample.
+
+  Offsets are uniform in 0..size inclusive (torch's ``unfold`` yields size+1 windows), i.e. a random
+  circular shift. In torch the first ``choose_rand_patches`` call picks the row offset and the second
+  the column offset because unfold + advanced indexing transposes H and W between the calls.
+
+  Returns:
+    The cropped batch and the offsets [N, 2] (row, col).
+  """
+  n, h, w, _ = x.shape
+  offsets = jax.random.randint(key, (n, 2), 0, jnp.array([h + 1, w + 1]))
+  tiled = tile_2x2(x)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+  return jax.vmap(crop)(tiled, offsets), offsets
+
+
+class MnistCGN(nn.Module):
+  """mnists/models/cgn.py::CGN. Defaults are the authors' constructor defaults."""
+  n_classes: int = 10
+  latent_sz: int = 32
+  ngf: int = 32
+  img_sz: int = 32
+  init_type: str = "orthogonal"
+  init_gain: float = 0.1
+
+  def setup(self):
+    self.label_emb = nn.Embed(self.n_classes, self.n_classes, embedding_init=inits.embedding_init)
+    mech = partial(_Mechanism, ngf=self.ngf, init_sz=self.img_sz // 4, init_type=self.init_type,
+                   init_gain=self.init_gain)
+    self.f_shape = mech("shape")
+    self.f_text1 = mech("texture")
+    self.f_text2 = mech("texture")
+
+  def get_inp(self, u: Array, ys: Array) -> Array:
+    """``cat([u, label_emb(y)])``: noise first, embedding second (the discriminator does the opposite)."""
+    return jnp.concatenate([u, self.label_emb(ys)], -1)
+
+  def mechanisms(self, inp0: Array, inp1: Array, inp2: Array, train: bool) -> tuple[Array, Array, Array]:
+    """Raw mechanism outputs: shape map (before the clamp), foreground and background (before shuffling)."""
+    return self.f_shape(inp0, train), self.f_text1(inp1, train), self.f_text2(inp2, train)
+
+  def __call__(self, y_shape: Array, key: Array, train: bool = False, y_fg: Array | None = None,
+               y_bg: Array | None = None, counterfactual: bool = False) -> dict[str, Array]:
+    """Samples (mask, foreground, background) for the given labels.
+
+    Without explicit ``y_fg``/``y_bg`` the authors' semantics apply: one noise vector and one label
+    for all three mechanisms, or, with ``counterfactual=True``, fresh noise and a random permutation of
+    the batch's labels for each mechanism. Explicit texture labels get their own noise.
+
+    Returns:
+      dict with ``mask`` [N,H,W,1] clamped to [1e-4, 1-1e-4] (the authors repeat it to 3 channels; it
+      broadcasts here), ``foreground``, ``background`` [N,H,W,3] and the labels used.
+    """
+    ks = jax.random.split(key, 7)
+    n = y_shape.shape[0]
+    noise = lambda k: jax.random.normal(k, (n, self.latent_sz))
+    if counterfactual:
+      y_fg = y_shape[jax.random.permutation(ks[3], n)] if y_fg is None else y_fg
+      y_bg = y_shape[jax.random.permutation(ks[4], n)] if y_bg is None else y_bg
+    if y_fg is None and y_bg is None:
+      inp = self.get_inp(noise(ks[0]), y_shape)
+      inp0 = inp1 = inp2 = inp
+      y_fg = y_bg = y_shape
+    else:
+      y_fg = y_shape if y_fg is None else y_fg
+      y_bg = y_shape if y_bg is None else y_bg
+      inp0 = self.get_inp(noise(ks[0]), y_shape)
+      inp1 = self.get_inp(noise(ks[1]), y_fg)
+      inp2 = self.get_inp(noise(ks[2]), y_bg)
+    raw_mask, text1, text2 = self.mechanisms(inp0, inp1, inp2, train)
+    foreground, _ = shuffle_crop(ks[5], text1)
+    background, _ = shuffle_crop(ks[6], text2)
+    return {"mask": jnp.clip(raw_mask, MASK_MIN, MASK_MAX), "foreground": foreground,
+            "background": background, "y_shape": y_shape, "y_fg": y_fg, "y_bg": y_bg}
+
+
+class DiscLin(nn.Module):
+  """mnists/models/discriminator.py::DiscLin, torch default init (the authors do not re-initialise it)."""
+  n_classes: int = 10
+  ndf: int = 512
+
+  @nn.compact
+  def __call__(self, img: Array, labels: Array, train: bool = False) -> Array:
+    emb = nn.Embed(self.n_classes, self.n_classes, embedding_init=inits.embedding_init,
+                   name="label_embedding")(labels)
+    # torch flattens NCHW; transpose back so a converted first layer sees the same input order.
+    flat = jnp.transpose(img, (0, 3, 1, 2)).reshape(img.shape[0], -1)
+    x = jnp.concatenate([flat, emb], -1)  # image first, label second
+    dense = lambda i, f, x: nn.Dense(f, name=f"fc{i}", kernel_init=inits.kernel_init("torch_default", 0),
+                                     bias_init=inits.bias_init("torch_default", x.shape[-1]))(x)
+    x = leaky_relu(dense(0, self.ndf, x))
+    for i in (1, 2):
+      x = dense(i, self.ndf, x)
+      x = leaky_relu(nn.Dropout(0.4, deterministic=not train)(x))
+    return dense(3, 1, x)[:, 0]
+
+
+class DiscConv(nn.Module):
+  """mnists/models/discriminator.py::DiscConv with the authors' ``init_net`` (normal, 0.02)."""
+  n_classes: int = 10
+  ndf: int = 12
+  init_type: str = "normal"
+  init_gain: float = 0.02
+
+  @nn.compact
+  def __call__(self, ims: Array, labels: Array, train: bool = False) -> Array:
+    emb = nn.Embed(self.n_classes, 1, embedding_init=inits.embedding_init, name="label_embedding")(labels)
+    emb = jnp.broadcast_to(emb[:, None, None, :], ims.shape[:3] + (1,))
+    x = jnp.concatenate([ims, emb], -1)  # the label is a 4th channel after RGB
+    kinit = inits.kernel_init(self.init_type, self.init_gain)
+    specs = ((self.ndf, 3, 1), (self.ndf * 2, 3, 1), (self.ndf * 4, 4, 2), (self.ndf * 4, 4, 2))
+    for i, (cout, k, s) in enumerate(specs):
+      x = nn.Conv(cout, (k, k), strides=(s, s), padding="VALID", use_bias=False, kernel_init=kinit,
+                  name=f"conv{i}")(x)
+      x = TorchBatchNorm(scale_init=inits.bn_scale_init(self.init_type, self.init_gain),
+                         name=f"bn{i}")(x, train)
+      x = leaky_relu(x)
+    x = avg_pool_floor(x, 3)  # 5x5 -> 1x1 from the top-left 3x3 window only (floor mode)
+    x = nn.Conv(1, (1, 1), use_bias=False, kernel_init=kinit, name="conv_out")(x)
+    return x.reshape(x.shape[0])
+
+
+def init_variables(model: nn.Module, key: Array, batch: int = 2, img_sz: int = 32) -> Any:
+  """Fresh variables for any model in this file (the discriminators take an image and labels)."""
+  ys = jnp.zeros((batch,), jnp.int32)
+  if isinstance(model, MnistCGN):
+    return model.init(key, ys, key, train=False)
+  return model.init(key, jnp.zeros((batch, img_sz, img_sz, 3)), ys, train=False)
