@@ -138,6 +138,21 @@ class MnistCGN(nn.Module):
             "background": background, "y_shape": y_shape, "y_fg": y_fg, "y_bg": y_bg}
 
 
+  def sample_mask(self, ys: Array, key: Array, train: bool = False) -> Array:
+    """The shape mechanism alone: a clamped mask [N,H,W,1] for labels ``ys``."""
+    u = jax.random.normal(key, (ys.shape[0], self.latent_sz))
+    return jnp.clip(self.f_shape(self.get_inp(u, ys), train), MASK_MIN, MASK_MAX)
+
+  def sample_textures(self, y_fg: Array, y_bg: Array, key: Array, train: bool = False
+                      ) -> tuple[Array, Array]:
+    """Shuffled foreground and background for their own labels, each with fresh noise."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    n = y_fg.shape[0]
+    fg = self.f_text1(self.get_inp(jax.random.normal(k1, (n, self.latent_sz)), y_fg), train)
+    bg = self.f_text2(self.get_inp(jax.random.normal(k2, (n, self.latent_sz)), y_bg), train)
+    return shuffle_crop(k3, fg)[0], shuffle_crop(k4, bg)[0]
+
+
 class DiscLin(nn.Module):
   """mnists/models/discriminator.py::DiscLin, torch default init (the authors do not re-initialise it)."""
   n_classes: int = 10
