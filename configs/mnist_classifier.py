@@ -40,7 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dataset_limit = 512
     c.batch_size = 32
     c.eval_batch_size = 128
-    c.epochs = 2
+    c.epochs = 3
     c.progress_bar = False
   elif variant:
     raise ValueError(f"unknown variant '{variant}'")

@@ -51,7 +51,8 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
   out = config.out_dir or os.path.join(workdir, f"{config.dataset}_counterfactual")
   if os.path.isdir(out) and os.path.isfile(os.path.join(out, storage.MANIFEST)):
     m = storage.read_manifest(out)
-    if m.get("dataset_size") == config.dataset_size and m.get("seed") == config.seed:
+    if (m.get("dataset_size"), m.get("seed"), m.get("no_cfs"), m.get("source")) == (
+        config.dataset_size, config.seed, config.no_cfs, _source(config)):
       print(f"reusing {out}")
       return out
   cgn, variables = load_cgn(config.checkpoint, workdir)
@@ -69,7 +70,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
   label_rng = np.random.default_rng(config.seed)
   meta = {"name": f"{config.dataset}_counterfactual", "seed": config.seed,
           "dataset_size": config.dataset_size, "no_cfs": config.no_cfs,
-          "source": os.path.abspath(config.checkpoint) if config.checkpoint else "random weights"}
+          "source": _source(config)}
   t0 = time.time()
   with storage.DatasetWriter(out, meta, image_dtype="uint8", overwrite=True) as writer:
     pending = None
@@ -83,6 +84,10 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
     writer.add(*_host(pending))
   print(f"wrote {n_batches * per_batch} counterfactual images to {out} in {time.time() - t0:.1f} s")
   return out
+
+
+def _source(config) -> str:
+  return os.path.abspath(config.checkpoint) if config.checkpoint else "random weights"
 
 
 def _host(pending):
