@@ -27,6 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.real_dataset_dir = ""              # built variant; default <workdir>/data/<dataset>
   c.cf_dataset_dir = ""                # from the generation job
   c.dataset_limit = -1
+  c.max_train_images = -1              # >0: train on a seeded subset (quick runs)
   c.data_seed = 0
   c.seed = 0
   c.batch_size = 64                    # --batch_size

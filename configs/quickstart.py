@@ -36,10 +36,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       c.cgn.log.sample_every = 200
       c.cgn.log.checkpoint_every = 200
     with c.generate.unlocked():
-      c.generate.dataset_size = 20000
+      c.generate.dataset_size = 10000
       c.generate.no_cfs = 10
     with c.classifier.unlocked():
       c.classifier.epochs = 2
+      c.classifier.max_train_images = 10000
   with c.generate.unlocked():
     c.generate.dataset = c.cgn.dataset
   with c.classifier.unlocked():

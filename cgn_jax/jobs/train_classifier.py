@@ -49,6 +49,9 @@ def load_data(config, workdir: str):
   if len(encs) > 1:
     parts = [(storage.decode_images(x, e).astype(np.float16), y, "float16") for x, y, e in parts]
   train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), parts[0][2])
+  if 0 < config.max_train_images < len(train[1]):  # a seeded subset (quick runs)
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(train[1]))[:config.max_train_images])
+    train = (train[0][keep], train[1][keep], train[2])
   return train, _load(real, "test")
 
 
