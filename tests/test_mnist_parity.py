@@ -153,6 +153,27 @@ def test_counterfactual_mode_permutes_labels():
     assert sorted(np.asarray(out[k]).tolist()) == sorted(np.asarray(ys).tolist())
   assert not np.array_equal(np.asarray(out["y_fg"]), np.asarray(ys))
   assert out["mask"].shape == (10, 32, 32, 1)
-  assert float(out["mask"].min()) >= MASK_MIN and float(out["mask"].max()) <= MASK_MAX
+  assert float(out["mask"].min()) >= np.float32(MASK_MIN) and float(out["mask"].max()) <= np.float32(MASK_MAX)
   plain = model.apply(v, ys, jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(plain["y_fg"]), np.asarray(ys))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 5, 7, 3)])
+def test_subpixel_upsample_conv_equals_upsample_then_conv(shape):
+  """The fast generation path computes the same map as nn.Upsample + Conv2d (to float rounding)."""
+  from cgn_jax.models.layers import upsample2_conv3x3
+  x = jax.random.normal(jax.random.key(0), shape)
+  k = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 4))
+  np.testing.assert_allclose(np.asarray(upsample2_conv3x3(x, k, subpixel=True)),
+                             np.asarray(upsample2_conv3x3(x, k, subpixel=False)), atol=1e-5, rtol=1e-5)
+
+
+def test_subpixel_cgn_matches_fixture(fixtures_dir, tmp_path):
+  z = load_fixture(fixtures_dir, "mnist_cgn_colored_MNIST")
+  model, variables, _ = _convert(fixtures_dir, "mnist_cgn_colored_MNIST", "mnist_cgn", tmp_path)
+  model = model.clone(subpixel=True)
+  inp = z["eval_inp"]
+  shape, text1, text2 = model.apply(variables, inp, inp, inp, False, method=model.mechanisms)
+  assert_close(shape, t(z["eval_f_shape"]), atol=1e-5, scale_rtol=1e-5, name="f_shape")
+  assert_close(text1, t(z["eval_f_text1"]), atol=1e-5, name="f_text1")
+  assert_close(text2, t(z["eval_f_text2"]), atol=1e-5, name="f_text2")

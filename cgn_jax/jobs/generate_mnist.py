@@ -56,6 +56,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
       print(f"reusing {out}")
       return out
   cgn, variables = load_cgn(config.checkpoint, workdir)
+  cgn = cgn.clone(subpixel=config.fast_upsample)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   per_batch = config.batch_size * config.no_cfs

@@ -103,3 +103,33 @@ def max_pool_torch(x: Array, k: int, stride: int, padding: int = 0, ceil_mode: b
 def leaky_relu(x: Array) -> Array:
   """LeakyReLU(0.2), the authors' only slope."""
   return nn.leaky_relu(x, 0.2)
+
+
+def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
+  """conv3x3(pad 1)(nearest_upsample_x2(x)) for an HWIO kernel, optionally by sub-pixel phases.
+
+  Every output phase (row parity a, column parity b) of a 3x3 conv over a 2x nearest-upsampled map
+  only sees two distinct input rows and columns, so it equals a 2x2 conv on the low-resolution input
+  with summed taps (a=0: rows i-1 <- k0, i <- k1+k2; a=1: i <- k0+k1, i+1 <- k2). That is 9/4 fewer
+  FLOPs; the sums change float rounding at the 1e-7 level, so parity paths keep ``subpixel=False``.
+  """
+  if not subpixel:
+    up = upsample_nearest(x)
+    return jax.lax.conv_general_dilated(up, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  k0, k1, k2 = kernel[0], kernel[1], kernel[2]
+  rows = {0: (jnp.stack([k0, k1 + k2]), (1, 0)), 1: (jnp.stack([k0 + k1, k2]), (0, 1))}
+  phases = []
+  for a in (0, 1):
+    kr, pad_r = rows[a]
+    row_phase = []
+    for b in (0, 1):
+      c0, c1, c2 = kr[:, 0], kr[:, 1], kr[:, 2]
+      kc, pad_c = ((jnp.stack([c0, c1 + c2], 1), (1, 0)) if b == 0
+                   else (jnp.stack([c0 + c1, c2], 1), (0, 1)))
+      row_phase.append(jax.lax.conv_general_dilated(
+          x, kc.astype(x.dtype), (1, 1), (pad_r, pad_c), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    phases.append(jnp.stack(row_phase, axis=3))  # (N, H, W, 2[b], C)
+  n, h, w, _ = x.shape
+  y = jnp.stack(phases, axis=2)  # (N, H, 2[a], W, 2[b], C)
+  return y.reshape(n, 2 * h, 2 * w, y.shape[-1])

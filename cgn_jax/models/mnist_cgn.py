@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from cgn_jax.models import init as inits
 from cgn_jax.models.layers import (TorchBatchNorm, avg_pool_floor, instance_norm, leaky_relu,
-                                   upsample_nearest)
+                                   upsample2_conv3x3)
 
 Array = jax.Array
 MASK_MIN, MASK_MAX = 1e-4, 1 - 1e-4
@@ -29,6 +29,7 @@ class _Mechanism(nn.Module):
   init_sz: int
   init_type: str
   init_gain: float
+  subpixel: bool = False
 
   @nn.compact
   def __call__(self, inp: Array, train: bool) -> Array:
@@ -43,17 +44,31 @@ class _Mechanism(nn.Module):
     if self.kind == "shape":
       x = instance_norm(x)
       for i, cout in enumerate((self.ngf, 1), start=1):
-        x = upsample_nearest(x)
-        x = conv(cout, use_bias=False, name=f"conv{i}")(x)
+        x = self._upconv(x, cout, kinit, f"conv{i}")
         x = leaky_relu(bn(name=f"bn{i}")(x, train))
         x = instance_norm(x)  # applied after the LeakyReLU, so the raw mask map reaches about ±12
       return x
     for i, cout in enumerate((c0, self.ngf), start=1):
-      x = upsample_nearest(x)
-      x = conv(cout, use_bias=False, name=f"conv{i}")(x)
+      x = self._upconv(x, cout, kinit, f"conv{i}")
       x = leaky_relu(bn(name=f"bn{i}")(x, train))
     x = conv(3, use_bias=True, name="conv3")(x)
     return jnp.tanh(bn(name="bn3")(x, train))
+
+
+  def _upconv(self, x: Array, cout: int, kinit, name: str) -> Array:
+    """nn.Upsample(x2) + bias-free conv3x3; the kernel is a plain 'kernel' param under ``name``."""
+    kernel = _ConvKernel(cout, kinit, name=name)(x.shape[-1])
+    return upsample2_conv3x3(x, kernel, self.subpixel)
+
+
+class _ConvKernel(nn.Module):
+  """Holds an HWIO 3x3 kernel under the same name/shape nn.Conv would use (converter-compatible)."""
+  features: int
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, cin: int) -> Array:
+    return self.param("kernel", self.kernel_init, (3, 3, cin, self.features), jnp.float32)
 
 
 def tile_2x2(x: Array) -> Array:
@@ -86,11 +101,12 @@ class MnistCGN(nn.Module):
   img_sz: int = 32
   init_type: str = "orthogonal"
   init_gain: float = 0.1
+  subpixel: bool = False  # fast upsample+conv (generation); False is the bit-faithful path
 
   def setup(self):
     self.label_emb = nn.Embed(self.n_classes, self.n_classes, embedding_init=inits.embedding_init)
     mech = partial(_Mechanism, ngf=self.ngf, init_sz=self.img_sz // 4, init_type=self.init_type,
-                   init_gain=self.init_gain)
+                   init_gain=self.init_gain, subpixel=self.subpixel)
     self.f_shape = mech("shape")
     self.f_text1 = mech("texture")
     self.f_text2 = mech("texture")
