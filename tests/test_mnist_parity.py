@@ -17,7 +17,7 @@ from cgn_jax import checkpoints
 from cgn_jax.models.classifiers import MnistCNN
 from cgn_jax.models.mnist_cgn import MASK_MIN, MASK_MAX, DiscConv, DiscLin, MnistCGN, tile_2x2
 from converters import convert_file
-from tests.conftest import assert_close, fixture_stems, load_fixture, nchw_to_nhwc as t
+from conftest import assert_close, fixture_stems, load_fixture, nchw_to_nhwc as t
 
 MODELS = {"mnist_cgn": MnistCGN, "disc_lin": DiscLin, "disc_conv": DiscConv,
           "mnist_classifier": MnistCNN}
