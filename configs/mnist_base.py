@@ -23,6 +23,7 @@ def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, ini
   c.dataset_limit = -1                     # >0: first N images per split (tests)
   c.data_seed = 0
   c.seed = 0
+  c.num_devices = -1                       # first N local devices; -1 = all
   c.vgg_checkpoint = os.environ.get("CGN_VGG16", "")  # converted torchvision vgg16 (or its .pth)
 
   c.model = ml_collections.ConfigDict()

@@ -10,6 +10,12 @@ from __future__ import annotations
 import glob
 import os
 
+# Every test process simulates 4 CPU devices, so sharded code paths (mesh, batch split, cross-device
+# batch-norm statistics) run in every job test; single-device code is unaffected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()
+
 import numpy as np
 import pytest
 

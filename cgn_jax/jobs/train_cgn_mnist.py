@@ -188,7 +188,7 @@ def load_vgg_features(config, workdir: str):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the MNIST CGN in ``workdir``; returns the final state."""
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.create_mesh()
+  mesh = parallel.create_mesh(jax.devices()[:config.num_devices] if config.num_devices > 0 else None)
   parallel.check_batch_size(config.train.batch_size, mesh)
   data = load_training_data(config, workdir)
   num_steps = (config.train.num_steps if config.train.num_steps > 0
