@@ -26,17 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def time_interleaved(fns: dict, reps: int) -> dict:
-  """Median (wall, process CPU) seconds per call of each function, calls interleaved (A, B, A, ...)
-  so that a drifting load on a shared machine hits both sides alike."""
-  times = {k: [] for k in fns}
-  for _ in range(reps):
-    for k, fn in fns.items():
-      t, c = time.perf_counter(), time.process_time()
-      fn()
-      times[k].append((time.perf_counter() - t, time.process_time() - c))
-  return {k: tuple(np.median(np.array(v), axis=0)) for k, v in times.items()}
+from bench_common import time_interleaved  # noqa: E402  (scripts/ is on sys.path)
 
 
 def torch_reference(seed: int = 0):

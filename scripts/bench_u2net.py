@@ -25,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_common import time_interleaved  # noqa: E402  (scripts/ is on sys.path)
+
 
 def load_authors_module(repo: str) -> types.ModuleType:
   """Imports <repo>/imagenet/models/u2net.py directly (its package __init__ pulls in BigGAN etc.)."""
@@ -40,21 +42,6 @@ def load_authors_module(repo: str) -> types.ModuleType:
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
-
-
-def time_interleaved(fns: dict, reps: int) -> dict:
-  """Median (wall, process CPU) seconds per call of each function, calls interleaved (A, B, A, ...).
-
-  Interleaving keeps the ratio fair on a shared machine whose load drifts during the run. With one
-  thread each, CPU seconds measure the work done even while other processes steal the cores.
-  """
-  times = {k: [] for k in fns}
-  for _ in range(reps):
-    for k, fn in fns.items():
-      t, c = time.perf_counter(), time.process_time()
-      fn()
-      times[k].append((time.perf_counter() - t, time.process_time() - c))
-  return {k: tuple(np.median(np.array(v), axis=0)) for k, v in times.items()}
 
 
 def main() -> None:
