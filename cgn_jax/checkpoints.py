@@ -70,52 +70,25 @@ def _check(path: str) -> None:
         "`python -m converters FAMILY SRC.pth {path}`")
 
 
-def load_or_convert(checkpoint: str, family: str, cache_dir: str) -> tuple[Any, dict[str, Any]]:
-  """Variables and metadata from a converted Orbax dir, or from a ``.pth`` converted on first use.
+def converted_path(checkpoint: str, family: str, cache_dir: str) -> str:
+  """The converted Orbax dir for ``checkpoint``: itself, or ``cache_dir/<family>_<stem>`` for a .pth.
 
-  A ``.pth`` is converted once into ``cache_dir/<file stem>`` (needs the ``convert`` extra); later
-  runs reuse that directory.
+  A ``.pth`` is converted once (needs the ``convert`` extra); later runs reuse the directory.
   """
   if os.path.isfile(checkpoint):
     dst = os.path.join(cache_dir, f"{family}_{os.path.splitext(os.path.basename(checkpoint))[0]}")
     if not os.path.isdir(dst):
       from converters.registry import convert_file  # pylint: disable=import-outside-toplevel
       convert_file(family, checkpoint, dst)
-    checkpoint = dst
+    return dst
   if not os.path.exists(checkpoint):
     raise CheckpointError(
         f"checkpoint {checkpoint} not found; give a .pth of the authors or a directory made by "
         f"`python -m converters {family} SRC.pth DST`")
-  return load_variables(checkpoint, family=family), load_meta(checkpoint)
+  return checkpoint
 
 
-class TrainCheckpointer:
-  """Orbax ``CheckpointManager`` over ``workdir/checkpoints`` that resumes automatically.
-
-  The state is any pytree (params, optimizer states, step); randomness is derived from the seed and
-  the step, and data order from the seed and the epoch, so the step alone positions a resumed run.
-  """
-
-  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1000):
-    self.save_every = save_every
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                         options=options)
-
-  def restore_or(self, state: Any) -> tuple[Any, int]:
-    """(restored state, step) from the latest checkpoint, or (``state``, 0) when there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return state, 0
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return restored, int(step)
-
-  def maybe_save(self, step: int, state: Any, force: bool = False) -> None:
-    if force or (self.save_every and step % self.save_every == 0):
-      if step not in self.manager.all_steps():
-        self.manager.save(step, args=ocp.args.StandardSave(state))
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+def load_or_convert(checkpoint: str, family: str, cache_dir: str) -> tuple[Any, dict[str, Any]]:
+  """Variables and metadata from a converted Orbax dir, or from a ``.pth`` converted on first use."""
+  path = converted_path(checkpoint, family, cache_dir)
+  return load_variables(path, family=family), load_meta(path)

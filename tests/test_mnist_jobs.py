@@ -167,3 +167,14 @@ def test_ssim_term_reaches_the_generator(data_dir, tmp_path):
 
   grads = jax.grad(ssim_term)(v["params"])
   assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 0
+
+
+def test_training_uses_a_converted_vgg16_checkpoint(fixtures_dir, data_dir, tmp_path):
+  """``vgg_checkpoint`` may be a torchvision .pth: converted once into the workdir, then used."""
+  from conftest import load_fixture, nchw_to_nhwc
+  c = _tiny_cgn(data_dir, vgg_checkpoint=os.path.join(fixtures_dir, "vgg16_features.pth"))
+  feats = train_cgn_mnist.load_vgg_features(c, str(tmp_path))
+  assert os.path.isdir(tmp_path / "converted" / "vgg16_vgg16_features")
+  z = load_fixture(fixtures_dir, "vgg16_features")
+  out = feats(nchw_to_nhwc(z["input"]), 2)
+  np.testing.assert_allclose(np.asarray(out[1]), nchw_to_nhwc(z["feat_input_1"]), atol=1e-5)

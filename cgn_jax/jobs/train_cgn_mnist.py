@@ -178,9 +178,8 @@ def load_training_data(config, workdir: str) -> EpochBatches:
 
 def load_vgg_features(config, workdir: str):
   path = config.vgg_checkpoint
-  if path and os.path.isfile(path):  # an authors'/torchvision .pth: convert once into the workdir
-    _, meta = checkpoints.load_or_convert(path, "vgg16", os.path.join(workdir, "converted"))
-    path = os.path.join(workdir, "converted", f"vgg16_{os.path.splitext(os.path.basename(path))[0]}")
+  if path:  # a torchvision .pth is converted once into the workdir
+    path = checkpoints.converted_path(path, "vgg16", os.path.join(workdir, "converted"))
   module, variables = vgg.load_or_init(path or None, jax.random.key(config.seed + 1))
   return vgg.features_fn(variables, module)
 
