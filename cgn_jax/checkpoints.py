@@ -92,3 +92,35 @@ def load_or_convert(checkpoint: str, family: str, cache_dir: str) -> tuple[Any, 
   """Variables and metadata from a converted Orbax dir, or from a ``.pth`` converted on first use."""
   path = converted_path(checkpoint, family, cache_dir)
   return load_variables(path, family=family), load_meta(path)
+
+
+class TrainCheckpointer:
+  """Orbax ``CheckpointManager`` over ``workdir/checkpoints`` that resumes automatically.
+
+  The state is any pytree (params, optimizer states, step); randomness is derived from the seed and
+  the step, and data order from the seed and the epoch, so the step alone positions a resumed run.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1000):
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                         options=options)
+
+  def restore_or(self, state: Any) -> tuple[Any, int]:
+    """(restored state, step) from the latest checkpoint, or (``state``, 0) when there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return state, 0
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return restored, int(step)
+
+  def maybe_save(self, step: int, state: Any, force: bool = False) -> None:
+    if force or (self.save_every and step % self.save_every == 0):
+      if step not in self.manager.all_steps():
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
