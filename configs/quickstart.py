@@ -14,7 +14,6 @@ real numbers come from the authors' checkpoints (README: "Reproducing the MNIST 
 ``:tiny`` runs every stage in seconds (tests).
 """
 
-import os
 
 import ml_collections
 

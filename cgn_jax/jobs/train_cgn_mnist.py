@@ -8,7 +8,6 @@ order a per-epoch permutation of the seed, so a resumed run continues the same t
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time

@@ -6,10 +6,8 @@ too when it is ported.
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from cgn_jax.models import init as inits
