@@ -11,7 +11,7 @@ import jax
 from flax import linen as nn
 
 from cgn_jax.models import init as inits
-from cgn_jax.models.layers import TorchBatchNorm, avg_pool_floor, max_pool_torch
+from cgn_jax.models.layers import Conv2d, TorchBatchNorm, avg_pool_floor, max_pool_torch
 
 Array = jax.Array
 
@@ -23,9 +23,8 @@ class MnistCNN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     def conv(name, cout, k, s, x):
-      return nn.Conv(cout, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, name=name,
-                     kernel_init=inits.kernel_init("torch_default", 0),
-                     bias_init=inits.bias_init("torch_default", k * k * x.shape[-1]))(x)
+      return Conv2d(cout, k, s, k // 2, name=name, kernel_init=inits.kernel_init("torch_default", 0),
+                    bias_init=inits.bias_init("torch_default", k * k * x.shape[-1]))(x)
     x = TorchBatchNorm(name="bn_in")(x, train)
     x = nn.relu(conv("conv0", 32, 5, 1, x))
     x = max_pool_torch(x, 3, 2, padding=1)

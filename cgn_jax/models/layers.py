@@ -133,3 +133,54 @@ def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
   n, h, w, _ = x.shape
   y = jnp.stack(phases, axis=2)  # (N, H, 2[a], W, 2[b], C)
   return y.reshape(n, 2 * h, 2 * w, y.shape[-1])
+
+
+def _conv_nhwc(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _conv_sliced_dw(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return _conv_nhwc(x, kernel, stride, padding)
+
+
+def _conv_sliced_dw_fwd(x, kernel, stride, padding):
+  return _conv_nhwc(x, kernel, stride, padding), (x, kernel, stride, padding)
+
+
+def _conv_sliced_dw_bwd(res, g):
+  x, kernel, stride, padding = res
+  kh, kw, cin, cout = kernel.shape
+  _, vjp_x = jax.vjp(lambda v: _conv_nhwc(v, kernel, stride, padding), x)
+  (dx,) = vjp_x(g)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  oh, ow = g.shape[1], g.shape[2]
+  g2 = g.reshape(-1, cout)
+  # dW[i, j] = sum over output pixels of (input window at offset i, j)^T @ dY: k*k small matmuls.
+  taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+          .reshape(-1, cin).T @ g2 for i in range(kh) for j in range(kw)]
+  return dx, jnp.stack(taps).reshape(kernel.shape), None, None
+
+
+_conv_sliced_dw.defvjp(_conv_sliced_dw_fwd, _conv_sliced_dw_bwd)
+
+
+class Conv2d(nn.Module):
+  """nn.Conv2d (square kernel, symmetric zero padding, NHWC/HWIO) whose kernel gradient is a sum of
+  k*k matmuls. Same values and parameters as ``nn.Conv``; the reason is speed: XLA:CPU's own kernel
+  gradient for few-channel convs is slow (the MNIST CNN's 5x5 conv on 3 channels: 93 ms vs 24 ms
+  for a batch of 64), and the MNIST table trains this CNN for 10 epochs on a CPU."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return _conv_sliced_dw(x, kernel, self.stride, self.padding) + bias
