@@ -6,6 +6,7 @@ Everything is NHWC. Each class documents the torch behaviour it reproduces becau
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -140,17 +141,17 @@ def _conv_nhwc(x: Array, kernel: Array, stride: int, padding: int) -> Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_sliced_dw(x: Array, kernel: Array, stride: int, padding: int) -> Array:
   return _conv_nhwc(x, kernel, stride, padding)
 
 
 def _conv_sliced_dw_fwd(x, kernel, stride, padding):
-  return _conv_nhwc(x, kernel, stride, padding), (x, kernel, stride, padding)
+  return _conv_nhwc(x, kernel, stride, padding), (x, kernel)
 
 
-def _conv_sliced_dw_bwd(res, g):
-  x, kernel, stride, padding = res
+def _conv_sliced_dw_bwd(stride, padding, res, g):
+  x, kernel = res
   kh, kw, cin, cout = kernel.shape
   _, vjp_x = jax.vjp(lambda v: _conv_nhwc(v, kernel, stride, padding), x)
   (dx,) = vjp_x(g)
@@ -160,7 +161,7 @@ def _conv_sliced_dw_bwd(res, g):
   # dW[i, j] = sum over output pixels of (input window at offset i, j)^T @ dY: k*k small matmuls.
   taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
           .reshape(-1, cin).T @ g2 for i in range(kh) for j in range(kw)]
-  return dx, jnp.stack(taps).reshape(kernel.shape), None, None
+  return dx, jnp.stack(taps).reshape(kernel.shape)
 
 
 _conv_sliced_dw.defvjp(_conv_sliced_dw_fwd, _conv_sliced_dw_bwd)
