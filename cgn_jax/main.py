@@ -20,6 +20,8 @@ JOBS = {
     "generate_mnist": "cgn_jax.jobs.generate_mnist:run",
     "train_classifier": "cgn_jax.jobs.train_classifier:train_and_evaluate",
     "mnist_pipeline": "cgn_jax.jobs.mnist_pipeline:run",
+    "train_cgn_imagenet": "cgn_jax.jobs.train_cgn_imagenet:train_and_evaluate",
+    "generate_imagenet": "cgn_jax.jobs.generate_imagenet:run",
 }
 
 FLAGS = flags.FLAGS

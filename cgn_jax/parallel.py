@@ -34,11 +34,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+def check_batch_size(global_batch: int, mesh: Mesh, field: str = "train.batch_size") -> None:
+  """A one-line error naming the config ``field`` when the batch does not split over the mesh."""
   n = mesh.devices.size
   if global_batch % n:
     raise ValueError(f"global batch size {global_batch} does not divide over {n} devices; "
-                     f"choose a multiple of {n} (e.g. --config.train.batch_size={n * max(1, global_batch // n)})")
+                     f"choose a multiple of {n} (e.g. --config.{field}={n * max(1, global_batch // n)})")
 
 
 def host_rows(global_batch: int) -> slice:

@@ -155,7 +155,7 @@ def sample_texture_targets(key: Array, mask: Array, images: Array,
   choice is meaningful, but the two are not the same set.
 
   Args:
-    key: PRNG key.
+    key: PRNG key, or a typed key array [N] (one per image).
     mask: [N, H, W, 1] mask (the CGN's mask in [0, 1]).
     images: [N, H, W, C] images the patches are cut from (x_gt).
     patch_size, sample_size, n_up, work_size: the authors' constants (see above).
@@ -173,7 +173,11 @@ def sample_texture_targets(key: Array, mask: Array, images: Array,
   k = min(sample_size, means.shape[1])  # argsort()[-k:] silently takes all when there are fewer
   _, top = jax.lax.top_k(means, k)  # order within the top set is irrelevant: draws are uniform
   n = images.shape[0]
-  picks = jax.vmap(lambda kk: jax.random.randint(kk, (n_up * n_up,), 0, k))(jax.random.split(key, n))
+  # A typed key array of shape [N] gives each image its own key (the training step draws them per
+  # example, so micro-batching and device count do not change the patches); one key is split.
+  keys = key if (jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)) \
+      else jax.random.split(key, n)
+  picks = jax.vmap(lambda kk: jax.random.randint(kk, (n_up * n_up,), 0, k))(keys)
   positions = jnp.take_along_axis(top, picks, axis=1)
   nw = ww - pw + 1
   rows, cols = positions // nw, positions % nw

@@ -16,8 +16,17 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
+import tempfile
+
+import jax
 import numpy as np
 import pytest
+
+# One persistent compilation cache per test session: jobs that are run twice with the same shapes
+# (resume tests) compile once. CGN_TEST_JAX_CACHE reuses a cache across sessions.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("CGN_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="cgn_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.environ.get("CGN_FIXTURES", os.path.join(_ROOT, "..", "shared", "fixtures"))

@@ -12,6 +12,7 @@ import pytest
 
 from cgn_jax.data import storage
 from cgn_jax.jobs import generate_mnist, mnist_pipeline, train_cgn_mnist
+from cgn_jax.models import vgg
 from cgn_jax.models.mnist_cgn import MnistCGN, init_variables
 from cgn_jax.writers import read_metrics
 from configs import mnist_double_colored, quickstart
@@ -127,7 +128,7 @@ def _fixed_batch_run(data_dir, tmp_path, steps, same_target=False, **overrides):
   c = _tiny_cgn(data_dir, **{"dataset_dir": str(tmp_path / "data"), **overrides})
   cgn, disc = train_cgn_mnist.create_models(c)
   tx_g, tx_d = train_cgn_mnist.create_optimizers(c)
-  feats = train_cgn_mnist.load_vgg_features(c, str(tmp_path))
+  feats = vgg.load_features_fn(c.vgg_checkpoint, str(tmp_path / "converted"), jax.random.key(1))
   state = train_cgn_mnist.create_train_state(c, cgn, disc, tx_g, tx_d, jax.random.key(0))
   step = jax.jit(train_cgn_mnist.make_train_step(c, cgn, disc, tx_g, tx_d, feats))
   batch = train_cgn_mnist.load_training_data(c, str(tmp_path)).batch(0)
@@ -173,7 +174,7 @@ def test_training_uses_a_converted_vgg16_checkpoint(fixtures_dir, data_dir, tmp_
   """``vgg_checkpoint`` may be a torchvision .pth: converted once into the workdir, then used."""
   from conftest import load_fixture, nchw_to_nhwc
   c = _tiny_cgn(data_dir, vgg_checkpoint=os.path.join(fixtures_dir, "vgg16_features.pth"))
-  feats = train_cgn_mnist.load_vgg_features(c, str(tmp_path))
+  feats = vgg.load_features_fn(c.vgg_checkpoint, str(tmp_path / "converted"), jax.random.key(1))
   assert os.path.isdir(tmp_path / "converted" / "vgg16_vgg16_features")
   z = load_fixture(fixtures_dir, "vgg16_features")
   out = feats(nchw_to_nhwc(z["input"]), 2)

@@ -175,14 +175,6 @@ def load_training_data(config, workdir: str) -> EpochBatches:
                       config.train.batch_size, config.seed)
 
 
-def load_vgg_features(config, workdir: str):
-  path = config.vgg_checkpoint
-  if path:  # a torchvision .pth is converted once into the workdir
-    path = checkpoints.converted_path(path, "vgg16", os.path.join(workdir, "converted"))
-  module, variables = vgg.load_or_init(path or None, jax.random.key(config.seed + 1))
-  return vgg.features_fn(variables, module)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the MNIST CGN in ``workdir``; returns the final state."""
   os.makedirs(workdir, exist_ok=True)
@@ -194,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   cgn, disc = create_models(config)
   tx_g, tx_d = create_optimizers(config)
-  features_fn = load_vgg_features(config, workdir)
+  features_fn = vgg.load_features_fn(config.vgg_checkpoint, os.path.join(workdir, "converted"),
+                                     jax.random.key(config.seed + 1))
   state = create_train_state(config, cgn, disc, tx_g, tx_d, jax.random.key(config.seed))
   ckpt = checkpoints.TrainCheckpointer(workdir, config.log.keep_checkpoints, config.log.checkpoint_every)
   state, start = ckpt.restore_or(state)

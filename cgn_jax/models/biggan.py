@@ -533,22 +533,38 @@ def init_variables(config: BigGANConfig = BigGANConfig(), seed: int = 0) -> dict
     return np.zeros(leaf.shape, np.float32)  # bias, gamma, running_means; u/v below
 
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  return set_spectral_vectors(variables, rng)
+
+
+def set_spectral_vectors(variables: dict, rng: np.random.Generator | None = None,
+                         iterations: int = 5) -> dict:
+  """Sets every spectral norm's stored ``u``, ``v`` (in place, NumPy) from its kernel.
+
+  ``iterations`` power iterations from a random ``v`` (drawn from ``rng``), or with
+  ``iterations=0`` the exact top singular pair (SVD): then train mode's power iteration leaves them
+  unchanged up to rounding, which makes runs with different micro-batch splits comparable.
+  """
+  rng = rng or np.random.default_rng(0)
   sn_modules = [p[:-1] for p, _ in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
                 if p[-1].key == "u"]
   for path in sn_modules:
     params, stats = variables["params"], variables["batch_stats"]
     for p in path:
       params, stats = params[p.key], stats[p.key]
-    kernel = params["kernel"]
+    kernel = np.asarray(params["kernel"], np.float64)
     # torch's (out, in*kh*kw) matrix of a Dense (in, out) or HWIO kernel.
     w = np.moveaxis(kernel, -1, 0)
     w = (np.moveaxis(w, -1, 1) if kernel.ndim == 4 else w).reshape(kernel.shape[-1], -1)
-    v = rng.standard_normal(w.shape[1])
-    for _ in range(5):
-      u = w @ v
-      u /= np.linalg.norm(u)
-      v = w.T @ u
-      v /= np.linalg.norm(v)
+    if iterations:
+      v = rng.standard_normal(w.shape[1])
+      for _ in range(iterations):
+        u = w @ v
+        u /= np.linalg.norm(u)
+        v = w.T @ u
+        v /= np.linalg.norm(v)
+    else:
+      left, _, right = np.linalg.svd(w, full_matrices=False)
+      u, v = left[:, 0], right[0]
     stats["u"], stats["v"] = u.astype(np.float32), v.astype(np.float32)
   return variables
 

@@ -139,3 +139,12 @@ def load_or_init(path: str | None, key: Array, dtype: Any = jnp.float32,
       "Convert torchvision's vgg16 weights with `python -m converters vgg16 vgg16-397923af.pth DIR` "
       "and set the config's VGG path to DIR.")
   return VGG16Features(dtype=dtype, precision=precision), init_variables(key)
+
+
+def load_features_fn(checkpoint: str, cache_dir: str, key: Array, dtype: Any = jnp.float32) -> FeaturesFn:
+  """The perceptual losses' feature function from a converted dir or a torchvision ``.pth``
+  (converted once into ``cache_dir``); random weights with a warning when ``checkpoint`` is empty."""
+  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  path = checkpoints.converted_path(checkpoint, FAMILY, cache_dir) if checkpoint else None
+  module, variables = load_or_init(path, key, dtype=dtype)
+  return features_fn(variables, module)

@@ -1,0 +1,515 @@
+"""Counterfactual ImageNet images and interpolation sheets from the ImageNet CGN (the authors'
+imagenet/generate_data.py), batched, jit-compiled and sharded over a ``data`` mesh.
+
+A dataset run writes ``<workdir>/<run_name>/``, laid out so that the authors' loader
+(``ImagenetCounterfactual``: ``read_csv(labels.csv, index_col=0)``, images at
+``ims/<im_name>_x_gen.jpg``) reads it:
+
+* ``ims/<run_name>_<i:07d>_x_gen.jpg`` — the composite ``x_gen`` of image ``i``;
+* ``labels.csv`` — header ``idx,im_name,shape_cls,texture_cls,bg_cls``, then one row per image. The
+  authors append every row with pandas as the *header* of an empty DataFrame, so their file has a
+  blank first column and one header-like line per image; their loader needs that first column
+  (``index_col=0``). We write one header and a real first column (the image index ``idx``), so the
+  same call reads ours. With several processes, process ``p`` writes ``labels_<p:03d>.csv`` and
+  :func:`merge_label_shards` joins the shards into ``labels.csv`` at the end;
+* ``manifest.json`` — n_data, mode, truncation, seed, checkpoint, model_config, ...
+
+Image ``i`` depends only on ``(seed, i)``: its three classes and its noise come from
+``fold_in(key(seed), i)``, drawn on the host's CPU backend (so the noise does not depend on the
+accelerator's arithmetic either), hence not on the batch size, the device count or a resume — up
+to float rounding in the forward pass (measured on CPU: bit-identical JPEGs from 1 process x 4
+devices and from 2 processes x 2 devices with a resume in between).
+
+Resuming is per index: ``i`` is complete when its image file (non-empty) *and* its CSV row exist.
+Images are written under a temporary name and renamed; a batch's rows are appended (and fsynced)
+only once all its images exist; a torn last line (killed mid-write) is cut off, and rows whose image
+is gone are dropped, so a rerun regenerates exactly the missing indices — no duplicates, no gaps.
+
+Pixels: the authors save with ``save_image(normalize=True)``, i.e. every image is min-max stretched
+to [0, 255] on its own; ``normalize='minmax'`` (default) does the same float32 operations as
+torchvision (``(x - min) / max(max - min, 1e-5) * 255 + 0.5``, floored), ``'fixed'`` maps [-1, 1]
+linearly and keeps the generator's contrast. JPEG quality 75 is PIL's default, which torchvision
+uses. Interpolation sheets (``config.interp``) are PNGs through ``save_image_grid`` ([-1, 1] mapped
+linearly; masks shown as ``2m - 1``), where the authors min-max the whole sheet.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from cgn_jax import checkpoints, parallel
+from cgn_jax.data.sheets import save_image_grid
+from cgn_jax.data.storage import DataError
+from cgn_jax.jobs import train_cgn_imagenet
+from cgn_jax.models import biggan as biggan_lib
+from cgn_jax.models.imagenet_cgn import CGNConfig, ImagenetCGN
+
+FAMILY = "imagenet_cgn"
+MODES = ("random", "best_classes", "fixed_classes")
+INTERP = {"all": (0, 1, 2), "shape": (0,), "text": (1,), "bg": (2,)}  # interpolated mechanisms
+HEADER = "idx,im_name,shape_cls,texture_cls,bg_cls"
+_ROW = re.compile(r"^(\d+),([^,]+),(\d+),(\d+),(\d+)$")
+MANIFEST = "manifest.json"
+
+# The authors' hand-picked ImageNet classes (generate_data.py): good shapes (masks), textures
+# (foregrounds) and backgrounds, sampled by mode 'best_classes'.
+MASKS = (9, 18, 22, 35, 56, 63, 96, 97, 119, 207, 225, 260, 275, 323, 330, 350, 370, 403, 411,
+         414, 427, 438, 439, 441, 460, 484, 493, 518, 532, 540, 550, 559, 561, 570, 604, 647,
+         688, 713, 724, 749, 751, 756, 759, 779, 780, 802, 814, 833, 841, 849, 850, 859, 869,
+         872, 873, 874, 876, 880, 881, 883, 894, 897, 898, 900, 907, 930, 933, 945, 947, 949,
+         950, 953, 963, 966, 967, 980)
+FOREGROUND = (12, 15, 18, 25, 54, 66, 72, 130, 145, 207, 251, 267, 271, 275, 293, 323, 385,
+              388, 407, 409, 427, 438, 439, 441, 454, 461, 468, 482, 483, 486, 490, 492, 509,
+              530, 555, 607, 608, 629, 649, 652, 681, 688, 719, 720, 728, 737, 741, 751, 756,
+              779, 800, 810, 850, 852, 854, 869, 881, 907, 911, 930, 936, 937, 938, 941, 949,
+              950, 951, 954, 957, 959, 963, 966, 985, 987, 992)
+BACKGROUNDS = (7, 9, 20, 30, 35, 46, 50, 65, 72, 93, 96, 97, 119, 133, 147, 337, 350, 353, 354,
+               383, 429, 460, 693, 801, 888, 947, 949, 952, 953, 955, 958, 970, 972, 973, 974,
+               977, 979, 998)
+
+
+def image_name(run_name: str, i: int) -> str:
+  """The authors' ``im_name`` of image ``i`` (the CSV column; files add ``_x_gen.jpg``)."""
+  return f"{run_name}_{i:07d}"
+
+
+def labels_name(process_index: int, process_count: int) -> str:
+  return "labels.csv" if process_count == 1 else f"labels_{process_index:03d}.csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the forward pass.
+
+def class_pools(mode: str, classes, num_classes: int) -> tuple[np.ndarray, ...]:
+  """Per mechanism (shape, texture, bg) the classes it draws from, uniformly."""
+  if mode == "random":
+    return (np.arange(num_classes, dtype=np.int32),) * 3
+  if mode == "best_classes":
+    if num_classes != 1000:
+      raise ValueError(f"mode 'best_classes' lists ImageNet classes; the model has {num_classes}")
+    return tuple(np.asarray(p, np.int32) for p in (MASKS, FOREGROUND, BACKGROUNDS))
+  if mode == "fixed_classes":
+    if len(classes) != 3 or not all(0 <= int(c) < num_classes for c in classes):
+      raise ValueError(f"config.classes={tuple(classes)} must be three classes (shape, texture, bg) "
+                       f"in 0..{num_classes - 1}")
+    return tuple(np.asarray([c], np.int32) for c in classes)
+  raise ValueError(f"config.mode='{mode}' is not one of {MODES}")
+
+
+_DRAW_CHUNK = 64  # indices per draw call: one compilation for every batch size, mode and sheet
+
+
+@functools.partial(jax.jit, static_argnames="z_dim")
+def _draw(key, index, pools, sizes, truncation, z_dim: int):
+  def one(i):
+    k = jax.random.split(jax.random.fold_in(key, i), 5)
+    cls = jnp.stack([pools[m, jax.random.randint(k[m], (), 0, sizes[m])] for m in range(3)])
+    z = jax.random.truncated_normal(k[3], -2.0, 2.0, (z_dim,), jnp.float32) * truncation
+    return z, cls, jax.random.randint(k[4], (), 0, pools.shape[1])
+  return jax.vmap(one)(index)
+
+
+def draw_inputs(seed: int, index: np.ndarray, pools, truncation: float, z_dim: int,
+                num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per image index: noise ``truncnorm(-2, 2) * truncation`` [n, z_dim], classes [n, 3] (shape,
+  texture, bg) and a random interpolation target [n], each from ``fold_in(key(seed), i)`` alone."""
+  # On the CPU backend: bit-identical noise whatever the accelerator (compiled erf_inv may differ in
+  # its last bits between platforms).
+  try:
+    dev = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    dev = jax.local_devices()[0]
+  table = np.zeros((3, num_classes), np.int32)  # the pools as one shape, whatever the mode
+  for m, pool in enumerate(pools):
+    table[m, :len(pool)] = pool
+  sizes = np.asarray([len(p) for p in pools], np.int32)
+  index = np.asarray(index, np.int32)
+  n = len(index)
+  padded = np.pad(index, (0, -n % _DRAW_CHUNK if n else _DRAW_CHUNK))
+  consts = jax.device_put((jax.random.key(seed), table, sizes, np.float32(truncation)), dev)
+  outs = [_draw(consts[0], jax.device_put(padded[s:s + _DRAW_CHUNK], dev), *consts[1:], z_dim=z_dim)
+          for s in range(0, len(padded), _DRAW_CHUNK)]
+  z, cls, target = (np.concatenate([np.asarray(o[k]) for o in outs])[:n] for k in range(3))
+  return z, cls, target
+
+
+@functools.lru_cache(maxsize=4)
+def forward_fn(cfg: CGNConfig, dtype: str) -> Callable:
+  """``jit(variables, z, y_shape, y_text, y_bg, sel) -> {x_gen, mask, foreground, background}`` in
+  eval mode. Labels are class vectors [B, num_classes] for datasets (exact one-hots, which embed
+  exactly like int ids) and sheets (soft vectors) alike, and the truncation's statistics selection
+  is data: one compilation per shape serves every run of the process (hence the cache)."""
+  model = ImagenetCGN(cfg, dtype=jnp.dtype(dtype))
+
+  def fwd(variables, z, y_shape, y_text, y_bg, sel):
+    out = model.apply(variables, z, y_shape, y_text, y_bg, sel, train=False, with_x_gt=False,
+                      with_bg_mask=False)
+    return {k: out[k] for k in ("x_gen", "mask", "foreground", "background")}
+
+  return jax.jit(fwd)
+
+
+@functools.partial(jax.jit, static_argnames="minmax")
+def to_uint8(x: jax.Array, minmax: bool) -> jax.Array:
+  """[-1, 1] NHWC -> uint8 as torchvision's ``save_image(normalize=True)`` (per-image min-max) or,
+  with ``minmax=False``, its ``value_range=(-1, 1)`` (clamp, then linear)."""
+  x = x.astype(jnp.float32)
+  if minmax:
+    lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
+    hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
+    x = (x - lo) / jnp.maximum(hi - lo, 1e-5)
+  else:
+    x = (jnp.clip(x, -1.0, 1.0) + 1.0) / 2.0
+  return jnp.floor(jnp.clip(x * 255.0 + 0.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def _selection(truncation: float, cfg: CGNConfig) -> biggan_lib.StatSelection:
+  """The authors' float64 statistics selection, as arrays: traced, so any truncation reuses one
+  compilation (BigGAN's weighted-row path equals the indexed one exactly)."""
+  s = biggan_lib.stat_selection(truncation, cfg.biggan.n_stats)
+  return biggan_lib.StatSelection(np.int32(s.start), np.float32(s.coef), np.float32(s.one_minus))
+
+
+def _local_rows(x: jax.Array, mesh) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in the order it fed them."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(parallel.DATA_AXIS)))
+
+
+def _from_local_rows(local: np.ndarray, mesh) -> jax.Array:
+  shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(parallel.batch_sharding(mesh), local, shape)
+
+
+def _all_rows(x: jax.Array) -> np.ndarray:
+  return np.asarray(x if jax.process_count() == 1 else multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+  folder, base = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_rows(path: str, rows: dict[int, str]) -> None:
+  text = "".join(f"{r}\n" for r in [HEADER] + list(rows.values()))
+  _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_labels(path: str, run_name: str) -> dict[int, str]:
+  """index -> CSV line of a labels file (created with its header if missing). A torn last line
+  (no newline: the process died mid-write) is cut off; a malformed complete line is an error."""
+  if not os.path.exists(path):
+    _write_rows(path, {})
+    return {}
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data.endswith(b"\n"):
+    cut = data.rfind(b"\n") + 1
+    logging.warning("%s: dropping torn last line %r", path, data[cut:])
+    if cut == 0:
+      _write_rows(path, {})
+      return {}
+    os.truncate(path, cut)
+    data = data[:cut]
+  lines = data.decode().splitlines()
+  if lines[0] != HEADER:
+    raise DataError(f"{path} starts with '{lines[0]}', not '{HEADER}'; it is not a labels file of "
+                    f"this job: delete it or choose another --config.run_name")
+  rows, dup = {}, False
+  for n, line in enumerate(lines[1:], start=2):
+    m = _ROW.match(line)
+    if not m or m.group(2) != image_name(run_name, int(m.group(1))):
+      raise DataError(f"{path}:{n}: malformed row '{line}'; delete that line (its image is then "
+                      f"regenerated) and rerun")
+    dup |= int(m.group(1)) in rows
+    rows.setdefault(int(m.group(1)), line)
+  if dup:  # never written by this job; keep the first and regenerate nothing
+    _write_rows(path, rows)
+  return rows
+
+
+def present_images(ims_dir: str, run_name: str, owned: Callable[[int], bool]) -> set[int]:
+  """Indices (owned by this process) with a non-empty image; removes their leftover temp files."""
+  name = re.escape(run_name)
+  done = re.compile(rf"^{name}_(\d{{7,}})_x_gen\.jpg$")
+  tmp = re.compile(rf"^\.{name}_(\d{{7,}})_x_gen\.")
+  out = set()
+  with os.scandir(ims_dir) as entries:
+    for e in entries:
+      if (m := done.match(e.name)) and owned(int(m.group(1))) and e.stat().st_size > 0:
+        out.add(int(m.group(1)))
+      elif (m := tmp.match(e.name)) and e.name.endswith(".tmp") and owned(int(m.group(1))):
+        os.remove(e.path)  # a write interrupted before its rename
+  return out
+
+
+def merge_label_shards(run_dir: str) -> str:
+  """Joins every process's ``labels_<p>.csv`` into ``labels.csv`` (sorted by index), the one file
+  the authors' loader reads; returns its path."""
+  rows = {}
+  for name in sorted(os.listdir(run_dir)):
+    if re.fullmatch(r"labels_\d{3}\.csv", name):
+      with open(os.path.join(run_dir, name)) as f:
+        for line in f.read().splitlines()[1:]:
+          if m := _ROW.match(line):
+            rows.setdefault(int(m.group(1)), line)
+  path = os.path.join(run_dir, "labels.csv")
+  _write_rows(path, dict(sorted(rows.items())))
+  return path
+
+
+def _check_manifest(run_dir: str, manifest: dict) -> None:
+  """A run directory holds one kind of data: resuming with other settings would mix two."""
+  path = os.path.join(run_dir, MANIFEST)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(json.dumps(manifest))
+  diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new
+          if k not in ("n_data", "complete") and old.get(k) != new[k]]
+  if diff:
+    raise FileExistsError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}); choose "
+                          f"another --config.run_name or delete that directory")
+
+
+def _write_manifest(run_dir: str, manifest: dict) -> None:
+  text = json.dumps(manifest, indent=1)
+  _atomic_write(os.path.join(run_dir, MANIFEST), lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+
+def _resolve_model(config: ml_collections.ConfigDict, workdir: str
+                   ) -> tuple[CGNConfig, str, Callable[[], dict]]:
+  """(architecture, source, loader of the variables): loading waits until something is to do."""
+  if config.checkpoint:
+    path = checkpoints.converted_path(config.checkpoint, FAMILY, os.path.join(workdir, "converted"))
+    cfg = CGNConfig.from_dict(checkpoints.load_meta(path)["model_config"])
+    return cfg, os.path.abspath(config.checkpoint), lambda: checkpoints.load_variables(path, FAMILY)
+  if not config.allow_random_init:
+    raise FileNotFoundError(
+        "config.checkpoint is empty: generation needs a trained ImageNet CGN; pass "
+        "--config.checkpoint=cgn.pth (the authors' weights) or an exported <train workdir>/cgn, or "
+        "--config.allow_random_init=True to test the plumbing with random weights")
+  # The training job's random initialisation of config.model's architecture.
+  shim = ml_collections.ConfigDict(dict(
+      cgn_checkpoint="", biggan_checkpoint="", u2net_checkpoint="", allow_random_init=True,
+      seed=config.seed, model=config.model.to_dict()))
+  cfg = train_cgn_imagenet.model_config(shim)
+  return (cfg, f"random weights (seed {config.seed})",
+          lambda: train_cgn_imagenet.initial_variables(shim, cfg, workdir))
+
+
+def _write_batch(batch, mesh, ims_dir: str, run_name: str, labels, pool, quality: int) -> int:
+  """Waits for one batch, writes this process's images, then appends their rows."""
+  idx, cls, pixels, raw = batch
+  pixels = _local_rows(pixels, mesh)[:len(idx)]
+  raw = _local_rows(raw, mesh)[:len(idx)] if raw is not None else None
+  jobs = []
+  for j, i in enumerate(idx):
+    base = os.path.join(ims_dir, image_name(run_name, i) + "_x_gen")
+    jobs.append(pool.submit(_atomic_write, base + ".jpg",
+                            functools.partial(_save_jpeg, pixels[j], quality)))
+    if raw is not None:  # debug: the model's float output, before any rounding
+      jobs.append(pool.submit(_atomic_write, base + ".npy", functools.partial(np.save, arr=raw[j])))
+  for job in jobs:
+    job.result()
+  if idx:
+    labels.write("".join(f"{i},{image_name(run_name, i)},{c[0]},{c[1]},{c[2]}\n"
+                         for i, c in zip(idx, cls)))
+    labels.flush()
+    os.fsync(labels.fileno())
+  return len(idx)
+
+
+def _save_jpeg(pixels: np.ndarray, quality: int, f) -> None:
+  Image.fromarray(pixels).save(f, format="JPEG", quality=quality)
+
+
+def _generate_dataset(config, run_dir: str, cfg: CGNConfig, load: Callable, mesh
+                      ) -> tuple[int, int]:
+  p, nproc = jax.process_index(), jax.process_count()
+  ims_dir = os.path.join(run_dir, "ims")
+  os.makedirs(ims_dir, exist_ok=True)
+  labels_path = os.path.join(run_dir, labels_name(p, nproc))
+  rows = read_labels(labels_path, config.run_name)
+  present = present_images(ims_dir, config.run_name, lambda i: i % nproc == p)
+  complete = {i for i in rows if i in present}
+  if len(complete) < len(rows):  # rows of lost images: drop them, the images come back
+    _write_rows(labels_path, {i: r for i, r in rows.items() if i in complete})
+  mine = range(p, config.n_data, nproc)
+  todo = [i for i in mine if i not in complete]
+  per_host = config.batch_size // nproc
+  n_batches = -(-len(todo) // per_host)
+  if nproc > 1:  # every process joins every (collective) forward pass
+    n_batches = int(np.max(multihost_utils.process_allgather(np.int32(n_batches))))
+  if n_batches == 0:
+    return 0, len(mine)
+
+  gan = cfg.biggan
+  variables = parallel.replicate(load(), mesh)
+  fwd, sel = forward_fn(cfg, config.model.dtype), _selection(config.truncation, cfg)
+  pools = class_pools(config.mode, config.classes, gan.num_classes)
+  eye = np.eye(gan.num_classes, dtype=np.float32)
+  written, pending = 0, None
+  bar = tqdm(total=n_batches, desc=f"generate {config.run_name}", unit="batch",
+             disable=p != 0 or not config.progress_bar)
+  with concurrent.futures.ThreadPoolExecutor(config.num_writers) as pool, \
+       open(labels_path, "a") as labels:
+    for k in range(n_batches):
+      idx = todo[k * per_host:(k + 1) * per_host]
+      # Padding rows (a short last batch) repeat some index; their outputs are dropped.
+      rows_in = np.asarray(idx + [idx[0] if idx else p] * (per_host - len(idx)), np.int32)
+      z, cls, _ = draw_inputs(config.seed, rows_in, pools, config.truncation, gan.z_dim,
+                              gan.num_classes)
+      inputs = [_from_local_rows(a, mesh) for a in (z, eye[cls[:, 0]], eye[cls[:, 1]], eye[cls[:, 2]])]
+      out = fwd(variables, *inputs, sel)
+      current = (idx, cls[:len(idx)], to_uint8(out["x_gen"], config.normalize == "minmax"),
+                 out["x_gen"] if config.save_npy else None)
+      if pending is not None:  # write the previous batch while this one computes
+        written += _write_batch(pending, mesh, ims_dir, config.run_name, labels, pool,
+                                config.jpeg_quality)
+        bar.update(1)
+      pending = current
+    written += _write_batch(pending, mesh, ims_dir, config.run_name, labels, pool,
+                            config.jpeg_quality)
+    bar.update(1)
+  bar.close()
+  return written, len(mine) - len(todo)
+
+
+def interp_vectors(start: int, end: int, n_cols: int, num_classes: int) -> np.ndarray:
+  """[n_cols, num_classes]: the one-hot of ``start`` blended linearly into that of ``end``."""
+  lerp = np.linspace(0.0, 1.0, n_cols, dtype=np.float32)[:, None]
+  eye = np.eye(num_classes, dtype=np.float32)
+  return eye[start] * (1 - lerp) + eye[end] * lerp
+
+
+def _generate_sheets(config, run_dir: str, cfg: CGNConfig, load: Callable, mesh
+                     ) -> tuple[int, int]:
+  """One PNG per index: the authors' interp_sheet, all columns in batched forward passes."""
+  gan, cols = cfg.biggan, config.midpoints + 2
+  sheets_dir = os.path.join(run_dir, "sheets")
+  os.makedirs(sheets_dir, exist_ok=True)
+  paths = [os.path.join(sheets_dir, f"{image_name(config.run_name, i)}_{config.interp}_interp.png")
+           for i in range(config.n_data)]
+  todo = np.asarray([not os.path.exists(q) for q in paths], np.int32)
+  todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(todo))  # process 0 writes sheets
+  if not len(todo):
+    return 0, config.n_data
+  u = train_cgn_imagenet.load_fixed_noise(config.u_fixed, gan.z_dim)  # [1, z_dim], truncated already
+  variables = parallel.replicate(load(), mesh)
+  fwd, sel = forward_fn(cfg, config.model.dtype), _selection(config.truncation, cfg)
+  pools = class_pools(config.mode, config.classes, gan.num_classes)
+  _, cls, target = draw_inputs(config.seed, todo, pools, config.truncation, gan.z_dim,
+                               gan.num_classes)
+  if config.interp_cls >= 0:
+    target[:] = config.interp_cls
+  moved = INTERP[config.interp]
+  extra = {"shape": "mask", "text": "foreground", "bg": "background"}.get(config.interp)
+  group, b = max(1, config.batch_size // cols), config.batch_size
+  for g in range(0, len(todo), group):
+    sheets = range(g, min(g + group, len(todo)))
+    ys = [np.concatenate([interp_vectors(cls[s, m], target[s] if m in moved else cls[s, m], cols,
+                                         gan.num_classes) for s in sheets]) for m in range(3)]
+    n = len(ys[0])
+    pad = -n % b  # whole batches of the dataset's shape: the same compiled forward
+    rows = [np.repeat(u, n + pad, 0)] + [np.pad(y, ((0, pad), (0, 0))) for y in ys]
+    outs = []
+    for r0 in range(0, n + pad, b):
+      out = fwd(variables, *parallel.shard_batch([r[r0:r0 + b] for r in rows], mesh), sel)
+      outs.append({k: _all_rows(out[k]) for k in ("x_gen", extra) if k})
+    out = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+    if extra == "mask":
+      out["mask"] = np.repeat(2 * out["mask"] - 1, 3, -1)  # [0, 1] -> the grid's [-1, 1]
+    for j, s in enumerate(sheets):
+      grid = [out["x_gen"][j * cols:(j + 1) * cols]]
+      if extra:
+        grid.append(out[extra][j * cols:(j + 1) * cols])
+      if jax.process_index() == 0:
+        save_image_grid(paths[todo[s]], np.concatenate(grid), nrow=cols)
+        print(f"sheet {paths[todo[s]]}: shape {cls[s, 0]}, texture {cls[s, 1]}, bg {cls[s, 2]}; "
+              f"{config.interp} -> {target[s]}")
+  return len(todo), config.n_data - len(todo)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Generates (or completes) ``<workdir>/<run_name>``; returns what was done."""
+  t0 = time.time()
+  if config.interp and config.interp not in INTERP:
+    raise ValueError(f"config.interp='{config.interp}' is not one of '', {', '.join(INTERP)}")
+  if config.mode != "fixed_classes" and tuple(config.classes) != (0, 0, 0):
+    logging.warning("config.classes=%s is ignored in mode '%s'", tuple(config.classes), config.mode)
+  mesh = parallel.create_mesh(jax.devices()[:config.num_devices] if config.num_devices > 0 else None)
+  parallel.check_batch_size(config.batch_size, mesh, "batch_size")
+  if config.normalize not in ("minmax", "fixed"):
+    raise ValueError(f"config.normalize='{config.normalize}' is not 'minmax' or 'fixed'")
+  cfg, source, load = _resolve_model(config, workdir)
+  class_pools(config.mode, config.classes, cfg.biggan.num_classes)  # fail before any work
+  if config.interp and not -1 <= config.interp_cls < cfg.biggan.num_classes:
+    raise ValueError(f"config.interp_cls={config.interp_cls}: -1 (random) or a class id")
+  run_dir = os.path.join(workdir, config.run_name)
+  os.makedirs(run_dir, exist_ok=True)
+  manifest = {
+      "kind": "interpolation_sheets" if config.interp else "dataset", "n_data": config.n_data,
+      "mode": config.mode, "classes": list(config.classes) if config.mode == "fixed_classes" else None,
+      "truncation": config.truncation, "seed": config.seed, "checkpoint": source,
+      "model_config": cfg.to_dict(), "normalize": config.normalize,
+      "jpeg_quality": config.jpeg_quality, "process_count": jax.process_count(),
+      "labels": HEADER, "complete": False}
+  if config.interp:
+    manifest.update(interp=config.interp, midpoints=config.midpoints,
+                    interp_cls=config.interp_cls, u_fixed=os.path.abspath(config.u_fixed))
+  _check_manifest(run_dir, manifest)
+  if jax.process_index() == 0:
+    _write_manifest(run_dir, manifest)
+  t_gen = time.time()
+  generate = _generate_sheets if config.interp else _generate_dataset
+  written, skipped = generate(config, run_dir, cfg, load, mesh)
+  t_end = time.time()
+  if jax.process_count() > 1:
+    if not config.interp:  # each process counted its own shard (sheets: every process all of them)
+      written, skipped = (int(v) for v in np.sum(
+          multihost_utils.process_allgather(np.asarray([written, skipped])), axis=0))
+    multihost_utils.sync_global_devices("generate_imagenet done")
+    if jax.process_index() == 0 and not config.interp:
+      merge_label_shards(run_dir)
+  if jax.process_index() == 0:
+    _write_manifest(run_dir, {**manifest, "complete": True})
+  what = "sheets" if config.interp else "images"
+  rate = written / max(t_end - t_gen, 1e-9)
+  print(f"generate_imagenet: wrote {written} {what}, skipped {skipped} already present, "
+        f"{t_end - t0:.1f} s wall, {rate:.2f} {what}/s (incl. compilation) -> {run_dir}")
+  return {"run_dir": run_dir, "written": written, "skipped": skipped, "seconds": t_end - t0,
+          "per_second": rate}

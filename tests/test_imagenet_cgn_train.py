@@ -1,0 +1,160 @@
+"""The ImageNet CGN's training job on the tiny config (random 32-px BigGANs, U2NETP, random VGG).
+
+One module-scoped run on the 4 simulated devices is shared by the checks of what it writes; resume,
+device count, gradient accumulation and a fixed-batch descent each add one more run.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from cgn_jax import checkpoints
+from cgn_jax.jobs import train_cgn_imagenet as job
+from cgn_jax.models import imagenet_cgn, vgg
+from cgn_jax.models.biggan import set_spectral_vectors
+from cgn_jax.writers import read_metrics
+from configs import imagenet as imagenet_config
+
+EPISODES = 4
+
+
+def _config(data_dir, **overrides):
+  c = imagenet_config.get_config("tiny")
+  c.unlock()
+  c.u_fixed = os.path.join(data_dir, "pretrained", "imagenet", "u_fixed.npy")
+  c.train.episodes = EPISODES
+  c.log.checkpoint_every = 2
+  c.log.sample_every = EPISODES
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+  c = _config(data_dir)
+  workdir = str(tmp_path_factory.mktemp("imagenet_tiny"))
+  state = job.train_and_evaluate(c, workdir)
+  return c, workdir, state
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_tiny_run_logs_checkpoints_sheets_and_export(tiny_run):
+  c, workdir, state = tiny_run
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(1, EPISODES + 1))
+  for r in rows:
+    for n in job.LOSS_NAMES:
+      assert np.isfinite(r[f"loss_{n}"]), (r["step"], n)
+    parts = sum(r[f"loss_{n}"] for n in job.LOSS_NAMES if n != "total")
+    assert r["loss_total"] == pytest.approx(parts, rel=1e-5)
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [2, 4]
+  sheet = Image.open(os.path.join(workdir, "samples", f"cls_sheet_ep_{EPISODES:07d}.png"))
+  size, pad = c.model.output_dim, 2  # 6 columns (premask, mask, fg, bg, composite, x_gt) x classes
+  assert sheet.size == (6 * (size + pad) + pad, len(c.sheet_classes) * (size + pad) + pad)
+  meta = checkpoints.load_meta(os.path.join(workdir, "cgn"))
+  assert meta["family"] == "imagenet_cgn" and meta["step"] == EPISODES
+  assert imagenet_cgn.CGNConfig.from_dict(meta["model_config"]) == job.model_config(c)
+  assert int(state.step) == EPISODES
+
+
+def test_frozen_parts_are_bit_identical_and_outside_the_optimizer(tiny_run, tmp_path):
+  c, workdir, state = tiny_run
+  initial = job.initial_variables(c, job.model_config(c), str(tmp_path))
+  trained = checkpoints.load_variables(os.path.join(workdir, "cgn"), "imagenet_cgn")
+  for name in imagenet_cgn.FROZEN:
+    for col in ("params", "batch_stats"):
+      a, b = _flat(initial[col][name]), _flat(trained[col][name])
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{col}/{name}{k}")
+  for name in imagenet_cgn.MECHANISMS:  # trained, and their spectral norms iterated
+    a, b = _flat(initial["params"][name]), _flat(trained["params"][name])
+    assert any(not np.array_equal(a[k], b[k]) for k in a), name
+    u0 = _flat(initial["batch_stats"][name])
+    u1 = _flat(trained["batch_stats"][name])
+    assert any(not np.array_equal(u0[k], u1[k]) for k in u0 if k.endswith("['u']")), name
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt)[0]]
+  assert opt_paths and not any(f in p for p in opt_paths for f in imagenet_cgn.FROZEN)
+  assert {m for m in imagenet_cgn.MECHANISMS if any(m in p for p in opt_paths)} == set(imagenet_cgn.MECHANISMS)
+
+
+def test_resume_continues_the_same_run(tiny_run, data_dir, tmp_path):
+  _, full_dir, _ = tiny_run
+  workdir = str(tmp_path / "resumed")
+  job.train_and_evaluate(_config(data_dir, **{"train.episodes": 2}), workdir)
+  job.train_and_evaluate(_config(data_dir), workdir)  # picks up at episode 2
+  a = _flat(checkpoints.load_variables(os.path.join(full_dir, "cgn"), "imagenet_cgn"))
+  b = _flat(checkpoints.load_variables(os.path.join(workdir, "cgn"), "imagenet_cgn"))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
+
+
+def test_one_and_four_devices_agree(tiny_run, data_dir, tmp_path):
+  _, full_dir, _ = tiny_run
+  one = str(tmp_path / "one")
+  job.train_and_evaluate(_config(data_dir, **{"train.episodes": 2, "num_devices": 1,
+                                              "log.sample_every": 0}), one)
+  r4, r1 = read_metrics(full_dir), read_metrics(one)
+  for a, b in zip(r1, r4[:2]):
+    for n in job.LOSS_NAMES:
+      assert a[f"loss_{n}"] == pytest.approx(b[f"loss_{n}"], rel=2e-4, abs=1e-5), (a["step"], n)
+
+
+@pytest.fixture(scope="module")
+def grad_setup(data_dir, tmp_path_factory):
+  c = _config(data_dir)
+  cfg = job.model_config(c)
+  model = imagenet_cgn.ImagenetCGN(cfg)
+  variables = job.initial_variables(c, cfg, str(tmp_path_factory.mktemp("init")))
+  # Exact top singular vectors: a power iteration then leaves u/v (hence sigma) unchanged, so the
+  # number of iterations (one per micro-batch) does not change the gradients being compared.
+  variables = set_spectral_vectors(jax.tree.map(np.array, variables), iterations=0)
+  params, frozen = imagenet_cgn.split_trainable(variables["params"])
+  feats = vgg.load_features_fn("", "", jax.random.key(7))
+  big = jax.jit(job.make_grad_fn(c, model, feats, micro_batch_size=4, accum_steps=1))
+  return c, model, feats, params, frozen, variables["batch_stats"], big
+
+
+def test_gradient_accumulation_equals_one_big_batch(grad_setup):
+  c, model, feats, params, frozen, stats, big = grad_setup
+  key = jax.random.key(3)
+  g1, _, t1 = big(params, stats, frozen, key)
+  small = jax.jit(job.make_grad_fn(c, model, feats, micro_batch_size=2, accum_steps=2))
+  g2, _, t2 = small(params, stats, frozen, key)
+  for n in job.LOSS_NAMES:  # l1 is ~1e-6 here (four equal generators): compare against the total
+    assert float(t2[n]) == pytest.approx(float(t1[n]), rel=1e-5, abs=1e-6 * float(t1["total"])), n
+  a, b = _flat(g1), _flat(g2)
+  for k in a:
+    scale = np.max(np.abs(a[k])) + 1e-12
+    np.testing.assert_allclose(b[k] / scale, a[k] / scale, atol=2e-5, err_msg=k)
+
+
+def test_total_loss_falls_on_a_fixed_batch(grad_setup):
+  c, model, feats, params, frozen, stats, big = grad_setup
+  tx = optax.adam(1e-3)
+  opt = tx.init(params)
+  update = jax.jit(lambda g, o, p: (lambda u, o2: (optax.apply_updates(p, u), o2))(*tx.update(g, o, p)))
+  key = jax.random.key(11)  # the same key every step: the same samples, classes and patches
+  totals = []
+  for _ in range(25):
+    g, stats, terms = big(params, stats, frozen, key)
+    totals.append(float(terms["total"]))
+    params, opt = update(g, opt, params)
+  assert np.all(np.isfinite(totals))
+  assert np.mean(totals[-3:]) < 0.9 * totals[0], totals
