@@ -27,6 +27,7 @@ a speed. ``--lower_only`` stops after tracing the step, e.g. to check the 256 gr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,7 +60,6 @@ def measure(args: argparse.Namespace, dtype: str) -> dict:
   from cgn_jax import parallel
   from cgn_jax.jobs import train_cgn_imagenet as job
   from cgn_jax.models import imagenet_cgn, vgg
-  import importlib.util
 
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet.py")
   spec = importlib.util.spec_from_file_location("imagenet_config", path)  # configs/ is no package
@@ -165,7 +165,7 @@ def _gib(n) -> str:
 
 
 def report(results: list[dict], tiny: bool) -> None:
-  print("\n| model | dtype | device | micro batch x accum | compile s | step s mean / min | "
+  print("\n| model | dtype | device | micro batch x accum | lower + compile s | step s mean / min | "
         "s per micro-batch | s per sample | samples/s | peak GiB | XLA temp GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
@@ -206,8 +206,9 @@ def main() -> None:
   p.add_argument("--json", default="", help="write the results here")
   p.add_argument("--compile_cache", default="", help="JAX persistent compilation cache directory")
   p.add_argument("--lower_only", action="store_true",
-                 help="stop after tracing/lowering (checks the 256 config's graph on a CPU in seconds)")
-  p.add_argument("--in_process", action="store_true", help="measure in this process (no children)")
+                 help="stop after tracing/lowering (checks the 256 config's graph on a CPU in ~1 min)")
+  p.add_argument("--in_process", action="store_true",
+                 help="measure in this process (no children; the peak memory then accumulates over dtypes)")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run_child's: no table
   args = p.parse_args()
   args.dtypes = args.dtypes or (["float32"] if args.tiny else ["float32", "bfloat16"])
