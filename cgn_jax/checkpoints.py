@@ -46,6 +46,19 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any] | None = None
     raise
 
 
+def replace_variables(path: str, variables: Any, meta: dict[str, Any]) -> str:
+  """``save_variables`` over an existing export (a training job's model at its end): the old copy
+  is removed only once the new one is complete."""
+  tmp = path + ".new"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  save_variables(tmp, variables, meta)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.rename(tmp, path)
+  return path
+
+
 def load_meta(path: str) -> dict[str, Any]:
   _check(path)
   with open(os.path.join(path, META_FILE)) as f:

@@ -39,8 +39,6 @@ import concurrent.futures
 import functools
 import json
 import os
-import re
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -56,7 +54,8 @@ from tqdm import tqdm
 
 from cgn_jax import checkpoints, parallel
 from cgn_jax.data.sheets import save_image_grid
-from cgn_jax.data.storage import DataError
+from cgn_jax.data.imagenet_cfs import (HEADER, atomic_write, image_name, labels_name,
+                                       merge_label_shards, present_images, read_labels, write_rows)
 from cgn_jax.jobs import train_cgn_imagenet
 from cgn_jax.models import biggan as biggan_lib
 from cgn_jax.models.imagenet_cgn import CGNConfig, ImagenetCGN
@@ -64,8 +63,6 @@ from cgn_jax.models.imagenet_cgn import CGNConfig, ImagenetCGN
 FAMILY = "imagenet_cgn"
 MODES = ("random", "best_classes", "fixed_classes")
 INTERP = {"all": (0, 1, 2), "shape": (0,), "text": (1,), "bg": (2,)}  # interpolated mechanisms
-HEADER = "idx,im_name,shape_cls,texture_cls,bg_cls"
-_ROW = re.compile(r"^(\d+),([^,]+),(\d+),(\d+),(\d+)$")
 MANIFEST = "manifest.json"
 
 # The authors' hand-picked ImageNet classes (generate_data.py): good shapes (masks), textures
@@ -83,15 +80,6 @@ FOREGROUND = (12, 15, 18, 25, 54, 66, 72, 130, 145, 207, 251, 267, 271, 275, 293
 BACKGROUNDS = (7, 9, 20, 30, 35, 46, 50, 65, 72, 93, 96, 97, 119, 133, 147, 337, 350, 353, 354,
                383, 429, 460, 693, 801, 888, 947, 949, 952, 953, 955, 958, 970, 972, 973, 974,
                977, 979, 998)
-
-
-def image_name(run_name: str, i: int) -> str:
-  """The authors' ``im_name`` of image ``i`` (the CSV column; files add ``_x_gen.jpg``)."""
-  return f"{run_name}_{i:07d}"
-
-
-def labels_name(process_index: int, process_count: int) -> str:
-  return "labels.csv" if process_count == 1 else f"labels_{process_index:03d}.csv"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,90 +191,6 @@ def _all_rows(x: jax.Array) -> np.ndarray:
   return np.asarray(x if jax.process_count() == 1 else multihost_utils.process_allgather(x, tiled=True))
 
 
-# ---------------------------------------------------------------------------------------------
-# Files.
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-  folder, base = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_rows(path: str, rows: dict[int, str]) -> None:
-  text = "".join(f"{r}\n" for r in [HEADER] + list(rows.values()))
-  _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def read_labels(path: str, run_name: str) -> dict[int, str]:
-  """index -> CSV line of a labels file (created with its header if missing). A torn last line
-  (no newline: the process died mid-write) is cut off; a malformed complete line is an error."""
-  if not os.path.exists(path):
-    _write_rows(path, {})
-    return {}
-  with open(path, "rb") as f:
-    data = f.read()
-  if not data.endswith(b"\n"):
-    cut = data.rfind(b"\n") + 1
-    logging.warning("%s: dropping torn last line %r", path, data[cut:])
-    if cut == 0:
-      _write_rows(path, {})
-      return {}
-    os.truncate(path, cut)
-    data = data[:cut]
-  lines = data.decode().splitlines()
-  if lines[0] != HEADER:
-    raise DataError(f"{path} starts with '{lines[0]}', not '{HEADER}'; it is not a labels file of "
-                    f"this job: delete it or choose another --config.run_name")
-  rows, dup = {}, False
-  for n, line in enumerate(lines[1:], start=2):
-    m = _ROW.match(line)
-    if not m or m.group(2) != image_name(run_name, int(m.group(1))):
-      raise DataError(f"{path}:{n}: malformed row '{line}'; delete that line (its image is then "
-                      f"regenerated) and rerun")
-    dup |= int(m.group(1)) in rows
-    rows.setdefault(int(m.group(1)), line)
-  if dup:  # never written by this job; keep the first and regenerate nothing
-    _write_rows(path, rows)
-  return rows
-
-
-def present_images(ims_dir: str, run_name: str, owned: Callable[[int], bool]) -> set[int]:
-  """Indices (owned by this process) with a non-empty image; removes their leftover temp files."""
-  name = re.escape(run_name)
-  done = re.compile(rf"^{name}_(\d{{7,}})_x_gen\.jpg$")
-  tmp = re.compile(rf"^\.{name}_(\d{{7,}})_x_gen\.")
-  out = set()
-  with os.scandir(ims_dir) as entries:
-    for e in entries:
-      if (m := done.match(e.name)) and owned(int(m.group(1))) and e.stat().st_size > 0:
-        out.add(int(m.group(1)))
-      elif (m := tmp.match(e.name)) and e.name.endswith(".tmp") and owned(int(m.group(1))):
-        os.remove(e.path)  # a write interrupted before its rename
-  return out
-
-
-def merge_label_shards(run_dir: str) -> str:
-  """Joins every process's ``labels_<p>.csv`` into ``labels.csv`` (sorted by index), the one file
-  the authors' loader reads; returns its path."""
-  rows = {}
-  for name in sorted(os.listdir(run_dir)):
-    if re.fullmatch(r"labels_\d{3}\.csv", name):
-      with open(os.path.join(run_dir, name)) as f:
-        for line in f.read().splitlines()[1:]:
-          if m := _ROW.match(line):
-            rows.setdefault(int(m.group(1)), line)
-  path = os.path.join(run_dir, "labels.csv")
-  _write_rows(path, dict(sorted(rows.items())))
-  return path
-
-
 def _check_manifest(run_dir: str, manifest: dict) -> None:
   """A run directory holds one kind of data: resuming with other settings would mix two."""
   path = os.path.join(run_dir, MANIFEST)
@@ -304,7 +208,7 @@ def _check_manifest(run_dir: str, manifest: dict) -> None:
 
 def _write_manifest(run_dir: str, manifest: dict) -> None:
   text = json.dumps(manifest, indent=1)
-  _atomic_write(os.path.join(run_dir, MANIFEST), lambda f: f.write(text.encode()))
+  atomic_write(os.path.join(run_dir, MANIFEST), lambda f: f.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,10 +243,10 @@ def _write_batch(batch, mesh, ims_dir: str, run_name: str, labels, pool, quality
   jobs = []
   for j, i in enumerate(idx):
     base = os.path.join(ims_dir, image_name(run_name, i) + "_x_gen")
-    jobs.append(pool.submit(_atomic_write, base + ".jpg",
+    jobs.append(pool.submit(atomic_write, base + ".jpg",
                             functools.partial(_save_jpeg, pixels[j], quality)))
     if raw is not None:  # debug: the model's float output, before any rounding
-      jobs.append(pool.submit(_atomic_write, base + ".npy", functools.partial(np.save, arr=raw[j])))
+      jobs.append(pool.submit(atomic_write, base + ".npy", functools.partial(np.save, arr=raw[j])))
   for job in jobs:
     job.result()
   if idx:
@@ -367,7 +271,7 @@ def _generate_dataset(config, run_dir: str, cfg: CGNConfig, load: Callable, mesh
   present = present_images(ims_dir, config.run_name, lambda i: i % nproc == p)
   complete = {i for i in rows if i in present}
   if len(complete) < len(rows):  # rows of lost images: drop them, the images come back
-    _write_rows(labels_path, {i: r for i, r in rows.items() if i in complete})
+    write_rows(labels_path, {i: r for i, r in rows.items() if i in complete})
   mine = range(p, config.n_data, nproc)
   todo = [i for i in mine if i not in complete]
   per_host = config.batch_size // nproc

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -255,16 +254,9 @@ def sample_sheet(model: ImagenetCGN, variables: dict, u_fixed: np.ndarray, class
 def export_cgn(path: str, variables: dict, cfg: CGNConfig, step: int) -> str:
   """The whole trained CGN as a converted-style checkpoint (family ``imagenet_cgn``), replaced only
   once the new copy is complete; the generation job reads it."""
-  tmp = path + ".new"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  checkpoints.save_variables(tmp, jax.tree.map(np.asarray, variables),
-                             {"family": "imagenet_cgn", "model_config": cfg.to_dict(),
-                              "source": "cgn_jax.jobs.train_cgn_imagenet", "step": int(step)})
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.rename(tmp, path)
-  return path
+  return checkpoints.replace_variables(path, jax.tree.map(np.asarray, variables), {
+      "family": "imagenet_cgn", "model_config": cfg.to_dict(),
+      "source": "cgn_jax.jobs.train_cgn_imagenet", "step": int(step)})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

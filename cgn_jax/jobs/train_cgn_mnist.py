@@ -9,7 +9,6 @@ order a per-epoch permutation of the seed, so a resumed run continues the same t
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any
 
@@ -239,13 +238,6 @@ def export_generator(state: TrainState, cgn: MnistCGN, path: str, config) -> str
   """
   variables = jax.tree_util.tree_map(np.asarray, {"params": state.g_params, "batch_stats": state.g_stats})
   cfg = {k: getattr(cgn, k) for k in ("n_classes", "latent_sz", "ngf", "img_sz", "init_type", "init_gain")}
-  tmp = path + ".new"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  checkpoints.save_variables(tmp, variables, {"family": "mnist_cgn", "model_config": cfg,
-                                               "source": "cgn_jax.jobs.train_cgn_mnist",
-                                               "dataset": config.dataset, "step": int(state.step)})
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.rename(tmp, path)
-  return path
+  return checkpoints.replace_variables(path, variables, {
+      "family": "mnist_cgn", "model_config": cfg, "source": "cgn_jax.jobs.train_cgn_mnist",
+      "dataset": config.dataset, "step": int(state.step)})
