@@ -193,7 +193,7 @@ def test_initialisation_from_converted_parts_and_clear_errors(fixtures_dir, data
   assert set(variables["params"]["u2net"]) >= {"stage1", "outconv"}
 
   wrong = _config(data_dir, **{"allow_random_init": False, "biggan_checkpoint": gan_pth})
-  with pytest.raises(ValueError, match="different BigGAN"):
+  with pytest.raises(checkpoints.CheckpointError, match="different BigGAN"):
     job.initial_variables(wrong, job.model_config(wrong), str(tmp_path))
   empty = _config(data_dir, **{"allow_random_init": False})
   with pytest.raises(FileNotFoundError, match="python -m converters biggan"):

@@ -96,14 +96,14 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
     variables, meta = checkpoints.load_or_convert(config.cgn_checkpoint, "imagenet_cgn", cache)
     stored = CGNConfig.from_dict(meta["model_config"])
     if stored != cfg:
-      raise ValueError(f"config.cgn_checkpoint holds a different architecture ({stored}); set "
+      raise checkpoints.CheckpointError(f"config.cgn_checkpoint holds a different architecture ({stored}); set "
                        f"config.model to match it")
     return variables
   if config.biggan_checkpoint:
     gan, meta = checkpoints.load_or_convert(config.biggan_checkpoint, "biggan", cache)
     stored = biggan_lib.BigGANConfig.from_dict(meta["model_config"])
     if stored != cfg.biggan:
-      raise ValueError(f"config.biggan_checkpoint is a different BigGAN ({stored}); set config.model "
+      raise checkpoints.CheckpointError(f"config.biggan_checkpoint is a different BigGAN ({stored}); set config.model "
                        f"to match it")
   elif config.allow_random_init:
     logging.warning("random BigGAN weights (config.allow_random_init)")
@@ -113,7 +113,7 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
   if config.u2net_checkpoint:
     mask_net, meta = checkpoints.load_or_convert(config.u2net_checkpoint, "u2net", cache)
     if meta["model_config"].get("variant") != cfg.u2net_variant:
-      raise ValueError(f"config.u2net_checkpoint is a {meta['model_config'].get('variant')}; set "
+      raise checkpoints.CheckpointError(f"config.u2net_checkpoint is a {meta['model_config'].get('variant')}; set "
                        f"--config.model.u2net_variant accordingly")
   elif config.allow_random_init:
     logging.warning("random U2-Net weights (config.allow_random_init)")
