@@ -96,15 +96,15 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
     variables, meta = checkpoints.load_or_convert(config.cgn_checkpoint, "imagenet_cgn", cache)
     stored = CGNConfig.from_dict(meta["model_config"])
     if stored != cfg:
-      raise checkpoints.CheckpointError(f"config.cgn_checkpoint holds a different architecture ({stored}); set "
-                       f"config.model to match it")
+      raise checkpoints.CheckpointError(
+          f"config.cgn_checkpoint holds a different architecture ({stored}); set config.model to match it")
     return variables
   if config.biggan_checkpoint:
     gan, meta = checkpoints.load_or_convert(config.biggan_checkpoint, "biggan", cache)
     stored = biggan_lib.BigGANConfig.from_dict(meta["model_config"])
     if stored != cfg.biggan:
-      raise checkpoints.CheckpointError(f"config.biggan_checkpoint is a different BigGAN ({stored}); set config.model "
-                       f"to match it")
+      raise checkpoints.CheckpointError(
+          f"config.biggan_checkpoint is a different BigGAN ({stored}); set config.model to match it")
   elif config.allow_random_init:
     logging.warning("random BigGAN weights (config.allow_random_init)")
     gan = biggan_lib.init_variables(cfg.biggan, config.seed)
@@ -113,8 +113,9 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
   if config.u2net_checkpoint:
     mask_net, meta = checkpoints.load_or_convert(config.u2net_checkpoint, "u2net", cache)
     if meta["model_config"].get("variant") != cfg.u2net_variant:
-      raise checkpoints.CheckpointError(f"config.u2net_checkpoint is a {meta['model_config'].get('variant')}; set "
-                       f"--config.model.u2net_variant accordingly")
+      raise checkpoints.CheckpointError(
+          f"config.u2net_checkpoint is a {meta['model_config'].get('variant')}; set "
+          f"--config.model.u2net_variant accordingly")
   elif config.allow_random_init:
     logging.warning("random U2-Net weights (config.allow_random_init)")
     size = cfg.biggan.output_dim
