@@ -14,7 +14,6 @@ draw does not depend on the device count or on how the effective batch is split 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Callable
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from cgn_jax import checkpoints, losses, parallel
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.models import biggan as biggan_lib
-from cgn_jax.models import imagenet_cgn, u2net as u2net_lib, vgg
+from cgn_jax.models import imagenet_cgn, init as inits, u2net as u2net_lib, vgg
 from cgn_jax.models.imagenet_cgn import MECHANISMS, CGNConfig, ImagenetCGN
 from cgn_jax.writers import MetricWriter
 
@@ -62,23 +61,6 @@ def model_config(config: ml_collections.ConfigDict) -> CGNConfig:
                                 layers=tuple((bool(u), int(i), int(o)) for u, i, o in layers),
                                 attention_layer_position=m.attention_layer_position)
   return CGNConfig(gan, m.u2net_variant)
-
-
-def _random_variables(module, args, seed: int) -> dict:
-  """Random variables drawn on the host (compiling ``init`` of big nets on CPU takes minutes):
-  kernels N(0, 1/fan_in), scales and variances 1, everything else 0."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      return (rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))).astype(np.float32)
-    if name in ("scale", "var"):
-      return np.ones(leaf.shape, leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _missing(what: str, field: str, family: str, example: str) -> FileNotFoundError:
@@ -119,8 +101,9 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
   elif config.allow_random_init:
     logging.warning("random U2-Net weights (config.allow_random_init)")
     size = cfg.biggan.output_dim
-    mask_net = _random_variables(u2net_lib.U2Net(cfg.u2net_variant), (jnp.zeros((1, size, size, 3)),),
-                                 config.seed + 1)
+    mask_net = inits.host_random_variables(u2net_lib.U2Net(cfg.u2net_variant),
+                                           (jnp.zeros((1, size, size, 3)),),
+                                           np.random.default_rng(config.seed + 1))
   else:
     raise _missing("U2-Net", "u2net_checkpoint", "u2net", "u2net.pth")
   return imagenet_cgn.assemble(gan, mask_net)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from cgn_jax.models import init as inits
 from cgn_jax.models.layers import upsample_nearest
 
 Array = jax.Array
@@ -518,21 +519,9 @@ def init_variables(config: BigGANConfig = BigGANConfig(), seed: int = 0) -> dict
   final BN scale 1, and each spectral norm's u, v come from 5 power iterations, so that sigma is
   about the top singular value (random u, v, as torch draws them, can give sigma ~ 0).
   """
-  z = jnp.zeros((1, config.z_dim), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
-  shapes = jax.eval_shape(lambda: BigGAN(config).init(jax.random.key(0), z, y, 1.0))
   rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      fan_in = math.prod(leaf.shape[:-1])
-      return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(np.float32)
-    if name in ("running_vars", "scale"):
-      return np.ones(leaf.shape, np.float32)
-    return np.zeros(leaf.shape, np.float32)  # bias, gamma, running_means; u/v below
-
-  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  args = (jnp.zeros((1, config.z_dim), jnp.float32), jnp.zeros((1,), jnp.int32), 1.0)
+  variables = inits.host_random_variables(BigGAN(config), args, rng)  # u, v set below
   return set_spectral_vectors(variables, rng)
 
 

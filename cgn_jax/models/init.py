@@ -9,7 +9,8 @@ the fan computations of ``variance_scaling`` agree with torch's for these layout
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +54,23 @@ def bn_scale_init(init_type: str, gain: float) -> Initializer:
 
 
 embedding_init = nn.initializers.normal(1.0)  # torch nn.Embedding: N(0, 1), untouched by init_net
+
+
+def host_random_variables(module: nn.Module, args: tuple, rng: np.random.Generator) -> Any:
+  """``module.init(key, *args)``-shaped variables drawn on the host with NumPy.
+
+  Compiling ``init`` of a big net on CPU takes minutes (XLA compiles the random-bit generation of
+  every array), and random weights only serve plumbing tests and benchmarks. Kernels are
+  N(0, 1/fan_in), BN scales and variances 1, everything else 0.
+  """
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))).astype(leaf.dtype)
+    if name in ("scale", "var", "running_vars"):
+      return np.ones(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
