@@ -5,8 +5,8 @@
       --config.checkpoint=../shared/data/pretrained/mnist_cgn/double_colored_MNIST.pth
 
 writes ``<workdir>/<dataset>_counterfactual`` (uint8 shards + manifest; label = shape class, plus
-texture and bg columns). The authors' defaults: dataset_size 5e4, no_cfs 1, batch 100. 1e6 images
-take a few minutes on a laptop CPU. ``checkpoint`` may be an authors' .pth, a converted directory
+texture and bg columns). The authors' defaults: dataset_size 5e4, no_cfs 1, batch 100. With
+no_cfs 10, 1e6 images took 16 min on a 2-core CPU (README, "Counterfactual generation speed"). ``checkpoint`` may be an authors' .pth, a converted directory
 or ``<train workdir>/generator``. ``:tiny`` uses random weights (tests).
 """
 
