@@ -6,8 +6,9 @@
 
 writes ``<workdir>/<dataset>_counterfactual`` (uint8 shards + manifest; label = shape class, plus
 texture and bg columns). The authors' defaults: dataset_size 5e4, no_cfs 1, batch 100. With
-no_cfs 10, 1e6 images took 16 min on a 2-core CPU (README, "Counterfactual generation speed"). ``checkpoint`` may be an authors' .pth, a converted directory
-or ``<train workdir>/generator``. ``:tiny`` uses random weights (tests).
+no_cfs 10, 1e6 images took 16 min on a 2-core CPU (README, "Counterfactual generation speed").
+``checkpoint`` may be an authors' .pth, a converted directory or ``<train workdir>/generator``.
+``:tiny`` uses random weights (tests).
 """
 
 import os
