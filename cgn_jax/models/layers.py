@@ -106,9 +106,10 @@ def leaky_relu(x: Array) -> Array:
   return nn.leaky_relu(x, 0.2)
 
 
-def _phase_taps(k: Array, phase: int) -> Array:
-  """Collapses three taps (axis 0) onto the two input rows that one output parity sees."""
-  return jnp.stack([k[0], k[1] + k[2]]) if phase == 0 else jnp.stack([k[0] + k[1], k[2]])
+def _phase_taps(k: Array, phase: int, axis: int) -> Array:
+  """Collapses the three taps along ``axis`` onto the two input rows/columns one output parity sees."""
+  k0, k1, k2 = (jnp.take(k, i, axis) for i in range(3))
+  return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis)
 
 
 def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
@@ -129,8 +130,8 @@ def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
   n, h, w, cin = x.shape
   cout = kernel.shape[-1]
   # [2 rows, 2 cols, C_in, 2 (a), 2 (b), C_out]
-  phases = jnp.stack([jnp.stack([_phase_taps(_phase_taps(kernel, a).swapaxes(0, 1), b).swapaxes(0, 1)
-                                 for b in (0, 1)], -2) for a in (0, 1)], -3)
+  phases = jnp.stack([jnp.stack([_phase_taps(_phase_taps(kernel, a, 0), b, 1) for b in (0, 1)], -2)
+                      for a in (0, 1)], -3)
   y = jax.lax.conv_general_dilated(x, phases.reshape(2, 2, cin, 4 * cout).astype(x.dtype), (1, 1),
                                    ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   y = y.reshape(n, h + 1, w + 1, 2, 2, cout)
