@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -83,57 +83,85 @@ def _check(path: str) -> None:
         "`python -m converters FAMILY SRC.pth {path}`")
 
 
-def converted_path(checkpoint: str, family: str, cache_dir: str) -> str:
-  """The converted Orbax dir for ``checkpoint``: itself, or ``cache_dir/<family>_<stem>`` for a .pth.
-
-  A ``.pth`` is converted once (needs the ``convert`` extra); later runs reuse the directory.
-  """
-  if os.path.isfile(checkpoint):
-    dst = os.path.join(cache_dir, f"{family}_{os.path.splitext(os.path.basename(checkpoint))[0]}")
-    if not os.path.isdir(dst):
-      from converters.registry import convert_file  # pylint: disable=import-outside-toplevel
-      convert_file(family, checkpoint, dst)
-    return dst
-  if not os.path.exists(checkpoint):
-    raise CheckpointError(
-        f"checkpoint {checkpoint} not found; give a .pth of the authors or a directory made by "
-        f"`python -m converters {family} SRC.pth DST`")
-  return checkpoint
-
-
-def load_or_convert(checkpoint: str, family: str, cache_dir: str) -> tuple[Any, dict[str, Any]]:
-  """Variables and metadata from a converted Orbax dir, or from a ``.pth`` converted on first use."""
-  path = converted_path(checkpoint, family, cache_dir)
-  return load_variables(path, family=family), load_meta(path)
-
-
 class TrainCheckpointer:
-  """Orbax ``CheckpointManager`` over ``workdir/checkpoints`` that resumes automatically.
+  """Orbax ``CheckpointManager`` over ``workdir/checkpoints`` for the training loop's state.
 
-  The state is any pytree (params, optimizer states, step); randomness is derived from the seed and
-  the step, and data order from the seed and the epoch, so the step alone positions a resumed run.
+  A checkpoint holds one pytree (the train state, the metric accumulator, the RNG key data) and a
+  JSON record (step, data position). Orbax writes each step under a temporary name and renames it
+  when complete, so a save cut short by a crash is never listed, and its leftovers are removed at
+  the next start. A checkpoint that fails to restore (a truncated or lost file) is moved aside to
+  ``workdir/checkpoints_damaged/`` with a one-line warning, and the next older one is tried.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1000):
-    self.save_every = save_every
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                         options=options)
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("tree", "record"))
 
-  def restore_or(self, state: Any) -> tuple[Any, int]:
-    """(restored state, step) from the latest checkpoint, or (``state``, 0) when there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return state, 0
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return restored, int(step)
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def maybe_save(self, step: int, state: Any, force: bool = False) -> None:
-    if force or (self.save_every and step % self.save_every == 0):
-      if step not in self.manager.all_steps():
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+  def restore_latest(self, abstract_tree: Any, check: Callable[[Any], str] | None = None,
+                     warn: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]] | None:
+    """(tree, record) of the newest intact checkpoint, or None when there is none.
+
+    ``abstract_tree`` gives the structure, shapes, dtypes and shardings; ``check(tree)`` may reject
+    a restored tree by returning a reason (e.g. non-finite values).
+    """
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            tree=ocp.args.StandardRestore(abstract_tree), record=ocp.args.JsonRestore()))
+        problem = check(restored.tree) if check else ""
+      except Exception as e:  # pylint: disable=broad-except  # any damage means: not this one
+        first = (str(e).splitlines() or [""])[0].split(" See full")[0]  # tensorstore's long tail
+        problem = f"{type(e).__name__}: {first[:160]}"
+      if not problem:
+        return restored.tree, dict(restored.record)
+      self._set_aside(step)
+      warn(f"warning: checkpoint {step} in {self.directory} is damaged ({problem}); "
+           f"moved it to {self.directory}_damaged/ and trying the one before")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst_dir = self.directory + "_damaged"
+      os.makedirs(dst_dir, exist_ok=True)
+      dst = os.path.join(dst_dir, str(step))
+      n = 1
+      while os.path.exists(dst):
+        dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
+      if os.path.exists(src):
+        os.rename(src, dst)
+    self.manager.reload()
+
+  def save(self, step: int, tree: Any, record: dict[str, Any]) -> None:
+    """Starts an (asynchronous) save of ``tree`` and ``record`` at ``step``, once per step."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        tree=ocp.args.StandardSave(tree), record=ocp.args.JsonSave({**record, "step": int(step)})))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def read_train_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+  """(tree as numpy, record) of a training checkpoint in ``workdir`` (the newest by default), for
+  inspection and comparison; no model code or abstract state needed."""
+  ckpt = TrainCheckpointer(workdir)
+  try:
+    step = max(ckpt.steps()) if step is None else step
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        tree=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
+    return jax.tree_util.tree_map(np.asarray, restored.tree), dict(restored.record)
+  finally:
+    ckpt.close()

@@ -6,23 +6,11 @@ The config's ``job`` field names the job module; overrides come from the command
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-JOBS = {
-    "sample_mnist": "cgn_jax.jobs.sample_mnist:run",
-    "sample_biggan": "cgn_jax.jobs.sample_biggan:run",
-    "train_cgn_mnist": "cgn_jax.jobs.train_cgn_mnist:train_and_evaluate",
-    "generate_mnist": "cgn_jax.jobs.generate_mnist:run",
-    "train_classifier": "cgn_jax.jobs.train_classifier:train_and_evaluate",
-    "mnist_pipeline": "cgn_jax.jobs.mnist_pipeline:run",
-    "train_cgn_imagenet": "cgn_jax.jobs.train_cgn_imagenet:train_and_evaluate",
-    "generate_imagenet": "cgn_jax.jobs.generate_imagenet:run",
-}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
@@ -44,14 +32,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return tuple(errors)
 
 
-def run_job(config, workdir: str):
-  job = config.get("job")
-  if job not in JOBS:
-    raise SystemExit(f"error: config.job='{job}' is not a job; choose one of {', '.join(JOBS)}")
-  module, fn = JOBS[job].split(":")
-  return getattr(importlib.import_module(module), fn)(config, workdir)
-
-
 def main(argv):
   del argv
   os.makedirs(FLAGS.workdir, exist_ok=True)
@@ -61,9 +41,14 @@ def main(argv):
     jax.distributed.initialize()  # multi-host: reads the coordinator/process env of the launcher
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
+  from cgn_jax import training  # pylint: disable=import-outside-toplevel
+  from cgn_jax.jobs import UnknownJob, run_job  # pylint: disable=import-outside-toplevel
   try:
     run_job(FLAGS.config, FLAGS.workdir)
-  except user_errors() as e:
+  except training.Interrupted as e:  # saved; the conventional 128 + signal number
+    print(f"{e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except (training.NonFiniteError, UnknownJob, *user_errors()) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

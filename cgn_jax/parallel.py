@@ -17,8 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def create_mesh(devices: list | None = None) -> Mesh:
-  """A 1-D ``data`` mesh over all (or the given) devices of all hosts."""
+def create_mesh(devices: list | int | None = None) -> Mesh:
+  """A 1-D ``data`` mesh over all devices of all hosts, the given ones, or (an int ``n > 0``, a
+  config's ``num_devices``) the first ``n``; ``-1`` or None means all."""
+  if isinstance(devices, int):
+    devices = jax.devices()[:devices] if devices > 0 else None
   devices = jax.devices() if devices is None else devices
   # Auto axes: XLA propagates shardings through the model (newer JAX defaults to Explicit axes,
   # which would demand an out_sharding on every gather such as an embedding lookup).
@@ -63,6 +66,18 @@ def shard_batch(global_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
   return jax.tree_util.tree_map(put, global_batch)
+
+
+def from_host_rows(local_batch: Any, mesh: Mesh) -> Any:
+  """A global batch-sharded array from this host's rows (``host_rows`` of the global batch)."""
+  sharding = batch_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (x.shape[0] * jax.process_count(),) + x.shape[1:])
+
+  return jax.tree_util.tree_map(put, local_batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -2,11 +2,16 @@
 
 clu's metric writers import TensorFlow, which the core install avoids; so the JSON-lines writer is
 ours and TensorBoard is added only when ``clu.metric_writers`` imports. Only process 0 writes.
+
+The file stays valid JSON lines whatever happens: non-finite values are written as ``null`` (bare
+``NaN`` is not JSON), every row is flushed whole, and a resumed run first cuts the rows (and a torn
+last line) that came after the checkpoint it resumes from, so each logged step has one row.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -33,11 +38,23 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.active:
       return
-    row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    row = {"step": int(step), **{k: v if math.isfinite(v) else None for k, v in values.items()}}
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
+      f.flush()
     if self._tb is not None:
-      self._tb.write_scalars(int(step), {k: v for k, v in row.items() if k != "step"})
+      self._tb.write_scalars(int(step), values)
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps the rows up to ``step`` (a resumed run logs the later steps again)."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    keep = [json.dumps(r) + "\n" for r in _read_rows(self.path) if r.get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -47,7 +64,15 @@ class MetricWriter:
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """All rows of ``metrics.jsonl`` (for tests and reports)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
+  return _read_rows(path) if os.path.exists(path) else []
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a line torn by a kill mid-write
+        continue
+  return rows

@@ -18,11 +18,9 @@ times ours. ``:tiny`` (random 32-px BigGANs, U2NETP, random VGG) trains on a CPU
 and is what the tests run: it shows the plumbing, not images.
 """
 
-import os
-
 import ml_collections
 
-DATA_DIR = os.environ.get("CGN_DATA", "../shared/data")
+from configs.common import data_path, loop_config, tiny_log
 
 # The authors' fixed sample-sheet classes (imagenet/train_cgn.py save_sample_sheet).
 SHEET_CLASSES = (15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999)
@@ -38,7 +36,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.vgg_checkpoint = ""            # torchvision vgg16; "" = random features (warning)
   c.cgn_checkpoint = ""            # optional start: the authors' cgn.pth or an exported CGN dir
   c.allow_random_init = False      # True: random BigGAN/U2-Net when their checkpoints are empty
-  c.u_fixed = os.path.join(DATA_DIR, "pretrained/imagenet/u_fixed.npy")  # sheet noise (.npy/.pth)
+  c.u_fixed = data_path("pretrained", "imagenet", "u_fixed.npy")  # sheet noise (.npy/.pth)
   c.sheet_classes = SHEET_CLASSES
   c.num_devices = -1               # -1: every device (a 1-D 'data' mesh)
 
@@ -79,13 +77,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.texture.n_up = 6
   c.texture.work_size = 128
 
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 1            # metrics (clu averages over micro-batches) per episode
-  c.log.checkpoint_every = 1       # train_cgn.py --save_iter 4000 passes = every episode
-  c.log.sample_every = 1
-  c.log.keep_checkpoints = 3
-  c.log.progress_bar = True
-  c.log.tensorboard = True         # only if the tensorboard extra is installed
+  # Metrics (means over the micro-batches) every episode; train_cgn.py --save_iter 4000 passes =
+  # a checkpoint and a sheet every episode.
+  c.log = loop_config(every_steps=1, checkpoint_every=1, sample_every=1, keep_checkpoints=3)
 
   if variant == "tiny":
     c.allow_random_init = True
@@ -105,8 +99,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.texture.work_size = 64
     c.log.checkpoint_every = 2
     c.log.sample_every = 3
-    c.log.progress_bar = False
-    c.log.tensorboard = False
+    tiny_log(c.log)
   elif variant:
     raise ValueError(f"unknown variant '{variant}'; choose '' or 'tiny'")
   c.lock()

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-DATA_DIR = os.environ.get("CGN_DATA", "../shared/data")
+from configs.common import DATA_DIR, loop_config, tiny_log
 
 
 def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, init_gain: float,
@@ -52,13 +52,8 @@ def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, ini
   c.augment = ml_collections.ConfigDict()
   c.augment.color_jitter = False           # [Re] extra (FACT_AI dataloader_augment.py), in [0,1]
 
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 100
-  c.log.sample_every = 4000                # LOG.SAVE_ITER
-  c.log.checkpoint_every = 4000            # LOG.SAVE_ITER
-  c.log.keep_checkpoints = 2
-  c.log.tensorboard = True                 # used only if the tensorboard extra is installed
-  c.log.progress_bar = True
+  # LOG.SAVE_ITER 4000 for both the sample sheets and the checkpoints.
+  c.log = loop_config(every_steps=100, checkpoint_every=4000, sample_every=4000)
 
   if variant in ("", "default"):
     pass
@@ -74,7 +69,7 @@ def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, ini
     c.log.every_steps = 4
     c.log.sample_every = 12
     c.log.checkpoint_every = 6
-    c.log.progress_bar = False
+    tiny_log(c.log)
   else:
     raise ValueError(f"unknown variant '{variant}'; choose '', 're' or 'tiny'")
   c.lock()

@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-DATA_DIR = os.environ.get("CGN_DATA", "../shared/data")
+from configs.common import DATA_DIR
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -66,9 +66,10 @@ def main() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from configs import mnist_generate  # pylint: disable=import-outside-toplevel
   from cgn_jax.jobs.generate_mnist import make_generate_fn  # pylint: disable=import-outside-toplevel
-  from cgn_jax.jobs.sample_mnist import load_cgn  # pylint: disable=import-outside-toplevel
+  from cgn_jax.models import mnist_cgn  # pylint: disable=import-outside-toplevel
 
-  cgn, variables = load_cgn(args.checkpoint, os.path.join("/tmp", "bench_mnist_generate"))
+  cgn, variables = mnist_cgn.load(args.checkpoint, os.path.join("/tmp", "bench_mnist_generate"),
+                                  family="mnist_cgn")
   cgn = cgn.clone(subpixel=mnist_generate.get_config().fast_upsample)
   fn = jax.jit(make_generate_fn(cgn, args.no_cfs))
   ys = np.random.default_rng(0).integers(0, 10, args.batch).astype(np.int32)

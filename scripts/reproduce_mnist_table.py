@@ -68,7 +68,7 @@ def main():
       clf = mnist_classifier.get_config()
       with clf.unlocked():
         clf.dataset, clf.train_on, clf.cf_dataset_dir = v, mode, cf_dirs[v]
-        clf.data_dir, clf.epochs, clf.progress_bar = args.data_dir, args.epochs, False
+        clf.data_dir, clf.epochs, clf.log.progress_bar = args.data_dir, args.epochs, False
         clf.real_dataset_dir = os.path.join(args.workdir, "data", v)
       res = train_classifier.train_and_evaluate(clf, os.path.join(args.workdir, v, f"clf_{mode}"))
       rows[v][mode] = res["final_test_acc"]

@@ -93,3 +93,14 @@ def assert_close(actual, expected, atol: float = 1e-5, rtol: float = 0.0, name: 
   err = np.abs(a - e) - (atol + rtol * np.abs(e) + scale_rtol * scale)
   worst = float(np.max(np.abs(a - e))) if a.size else 0.0
   assert np.all(err <= 0), f"{name}: max abs error {worst:.3g} exceeds atol={atol} rtol={rtol}"
+
+
+def pytest_terminal_summary(terminalreporter):
+  """With CGN_PARITY_REPORT=1: the measured max error of every parity family compared this session."""
+  if os.environ.get("CGN_PARITY_REPORT", "") != "1":
+    return
+  import parity  # pylint: disable=import-outside-toplevel
+  if parity.REPORT:
+    terminalreporter.section("parity: max |port - reference| per fixture and tolerance family")
+    for line in parity.report_table(parity.REPORT):
+      terminalreporter.write_line(line)

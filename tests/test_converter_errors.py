@@ -101,3 +101,18 @@ def test_float16_checkpoint_is_cast_to_float32(fixtures_dir, tmp_path):
   assert {np.asarray(a).dtype for a in __import__("jax").tree_util.tree_leaves(v)} == {np.dtype("float32")}
   with pytest.raises(checkpoints.CheckpointError, match="holds a 'disc_lin' checkpoint"):
     checkpoints.load_variables(str(tmp_path / "o"), family="mnist_cgn")
+
+
+def test_every_listed_family_exists():
+  """The registry names only families this version can convert (each module and function imports)."""
+  from converters.registry import FAMILIES, family_fn
+  for family in FAMILIES:
+    assert callable(family_fn(family)), family
+
+
+def test_cli_help_lists_the_families():
+  from converters.registry import FAMILIES
+  proc = subprocess.run([sys.executable, "-m", "converters", "--help"], capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert all(f in proc.stdout for f in FAMILIES) and "resnet50" not in proc.stdout

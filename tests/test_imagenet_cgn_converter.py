@@ -25,9 +25,12 @@ import pytest
 import torch
 
 from cgn_jax import checkpoints
+from cgn_jax.models import imagenet_cgn
 from cgn_jax.models.biggan import BigGANConfig
+from cgn_jax.models.imagenet_cgn import CGNConfig
 from converters.__main__ import main as converters_main
 from converters.biggan import convert_biggan
+from converters import registry
 from converters.common import ConversionError, load_torch_state_dict
 from converters.imagenet_cgn import BIGGANS, convert_imagenet_cgn
 from converters.registry import convert_state_dict
@@ -95,6 +98,21 @@ def test_cli_converts_and_restores(cgn_sd, expected, tmp_path):
   _assert_matches_parts(restored, expected)
   # Every torch key became exactly one array.
   assert len(jax.tree_util.tree_leaves(restored)) == len(cgn_sd)
+
+
+def test_loader_reads_the_file_once_and_the_dir_alike(cgn_sd, expected, tmp_path, monkeypatch):
+  """``imagenet_cgn.load``: cgn.pth converted into the cache once; the directory gives the same."""
+  src, cache = str(tmp_path / "cgn.pth"), str(tmp_path / "converted")
+  torch.save({k: torch.from_numpy(v) for k, v in cgn_sd.items()}, src)
+  module, from_file = imagenet_cgn.load(src, cache)
+  assert module.config == CGNConfig.from_dict(
+      {"biggan": expected["f_shape"][1], "u2net": expected["u2net"][1]})
+  _assert_matches_parts(from_file, expected)
+  dir_module, from_dir = imagenet_cgn.load(os.path.join(cache, "imagenet_cgn_cgn"))
+  assert dir_module == module
+  _assert_trees_equal(from_dir, from_file, "dir vs file")
+  monkeypatch.setattr(registry, "convert_file", lambda *a: pytest.fail(f"converted again: {a}"))
+  _assert_trees_equal(imagenet_cgn.load(src, cache)[1], from_file, "cached")
 
 
 def test_in_memory_and_data_parallel_keys_agree(cgn_sd, parts, expected):

@@ -1,14 +1,13 @@
 """The ImageNet CGN's training job on the tiny config (random 32-px BigGANs, U2NETP, random VGG).
 
-One module-scoped run on the 4 simulated devices is shared by the checks of what it writes; resume,
-device count, gradient accumulation and a fixed-batch descent each add one more run.
+One module-scoped run on the 4 simulated devices is shared by the checks of what it writes; device
+count, gradient accumulation and a fixed-batch descent each add one more run (resuming after a kill
+is tested in test_crash_safety.py).
 """
 
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -68,13 +67,13 @@ def test_tiny_run_logs_checkpoints_sheets_and_export(tiny_run):
   assert sheet.size == (6 * (size + pad) + pad, len(c.sheet_classes) * (size + pad) + pad)
   meta = checkpoints.load_meta(os.path.join(workdir, "cgn"))
   assert meta["family"] == "imagenet_cgn" and meta["step"] == EPISODES
-  assert imagenet_cgn.CGNConfig.from_dict(meta["model_config"]) == job.model_config(c)
+  assert imagenet_cgn.CGNConfig.from_dict(meta["model_config"]) == imagenet_cgn.config_from_fields(c.model)
   assert int(state.step) == EPISODES
 
 
 def test_frozen_parts_are_bit_identical_and_outside_the_optimizer(tiny_run, tmp_path):
   c, workdir, state = tiny_run
-  initial = job.initial_variables(c, job.model_config(c), str(tmp_path))
+  initial = job.initial_variables(c, imagenet_cgn.config_from_fields(c.model), str(tmp_path))
   trained = checkpoints.load_variables(os.path.join(workdir, "cgn"), "imagenet_cgn")
   for name in imagenet_cgn.FROZEN:
     for col in ("params", "batch_stats"):
@@ -93,18 +92,6 @@ def test_frozen_parts_are_bit_identical_and_outside_the_optimizer(tiny_run, tmp_
   assert {m for m in imagenet_cgn.MECHANISMS if any(m in p for p in opt_paths)} == set(imagenet_cgn.MECHANISMS)
 
 
-def test_resume_continues_the_same_run(tiny_run, data_dir, tmp_path):
-  _, full_dir, _ = tiny_run
-  workdir = str(tmp_path / "resumed")
-  job.train_and_evaluate(_config(data_dir, **{"train.episodes": 2}), workdir)
-  job.train_and_evaluate(_config(data_dir), workdir)  # picks up at episode 2
-  a = _flat(checkpoints.load_variables(os.path.join(full_dir, "cgn"), "imagenet_cgn"))
-  b = _flat(checkpoints.load_variables(os.path.join(workdir, "cgn"), "imagenet_cgn"))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
-
-
 def test_one_and_four_devices_agree(tiny_run, data_dir, tmp_path):
   _, full_dir, _ = tiny_run
   one = str(tmp_path / "one")
@@ -119,7 +106,7 @@ def test_one_and_four_devices_agree(tiny_run, data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def grad_setup(data_dir, tmp_path_factory):
   c = _config(data_dir)
-  cfg = job.model_config(c)
+  cfg = imagenet_cgn.config_from_fields(c.model)
   model = imagenet_cgn.ImagenetCGN(cfg)
   variables = job.initial_variables(c, cfg, str(tmp_path_factory.mktemp("init")))
   # Mechanisms unlike the target: with four equal generators x_gen - x_gt is rounding noise, and
@@ -182,7 +169,7 @@ def test_initialisation_from_converted_parts_and_clear_errors(fixtures_dir, data
                            "u2net_checkpoint": os.path.join(fixtures_dir, "u2netp.pth"),
                            "model.output_dim": 256, "model.channel_width": 16, "model.layers": (),
                            "model.attention_layer_position": 8})
-  variables = job.initial_variables(c, job.model_config(c), str(tmp_path))
+  variables = job.initial_variables(c, imagenet_cgn.config_from_fields(c.model), str(tmp_path))
   expected, _ = convert_biggan(load_torch_state_dict(gan_pth))
   want = _flat(expected["params"])
   for name in ("biggan_GT",) + imagenet_cgn.MECHANISMS:
@@ -194,7 +181,26 @@ def test_initialisation_from_converted_parts_and_clear_errors(fixtures_dir, data
 
   wrong = _config(data_dir, **{"allow_random_init": False, "biggan_checkpoint": gan_pth})
   with pytest.raises(checkpoints.CheckpointError, match="different BigGAN"):
-    job.initial_variables(wrong, job.model_config(wrong), str(tmp_path))
+    job.initial_variables(wrong, imagenet_cgn.config_from_fields(wrong.model), str(tmp_path))
   empty = _config(data_dir, **{"allow_random_init": False})
   with pytest.raises(FileNotFoundError, match="python -m converters biggan"):
-    job.initial_variables(empty, job.model_config(empty), str(tmp_path))
+    job.initial_variables(empty, imagenet_cgn.config_from_fields(empty.model), str(tmp_path))
+
+
+def test_sigkill_between_and_during_saves_then_rerun_equals_the_shared_run(tiny_run, data_dir,
+                                                                           tmp_path):
+  """The CLI, killed (SIGKILL) after episode 3's metrics (between checkpoints 2 and 4), rerun and
+  killed again while checkpoint 4 is being written, rerun to the end: bitwise the shared run."""
+  from crash import assert_same_run, ok, run_cli
+  _, ref, _ = tiny_run
+  args = ["--config", "configs/imagenet.py:tiny", f"--workdir={tmp_path}",
+          f"--config.u_fixed={os.path.join(data_dir, 'pretrained', 'imagenet', 'u_fixed.npy')}",
+          f"--config.train.episodes={EPISODES}", "--config.log.checkpoint_every=2",
+          f"--config.log.sample_every={EPISODES}"]
+  for fault, at in (("kill_after_row", 3), ("kill_in_save", 4)):
+    killed = run_cli(args, fault, at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+  resumed = run_cli(args)
+  ok(resumed)
+  assert "resuming from episode" in resumed.stdout, resumed.stdout
+  assert_same_run(ref, str(tmp_path), export="cgn")

@@ -14,13 +14,13 @@ import csv
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from cgn_jax import checkpoints
 from cgn_jax.jobs import generate_imagenet as job
-from cgn_jax.jobs import train_cgn_imagenet
+from cgn_jax.models import imagenet_cgn
 from configs import imagenet_generate
 
 PAD = 2  # save_image_grid's border
@@ -56,7 +56,9 @@ def tiny_run(tmp_path_factory):
 def checkpoint(tmp_path_factory) -> str:
   work = str(tmp_path_factory.mktemp("export"))
   cfg, _, load = job._resolve_model(_config(), work)  # pylint: disable=protected-access
-  return train_cgn_imagenet.export_cgn(os.path.join(work, "cgn"), load(), cfg, step=0)
+  path = os.path.join(work, "cgn")
+  checkpoints.save_variables(path, load(), {"family": "imagenet_cgn", "model_config": cfg.to_dict()})
+  return path
 
 
 def test_tiny_writes_n_data_images_and_labels(tiny_run):
@@ -78,8 +80,7 @@ def test_tiny_writes_n_data_images_and_labels(tiny_run):
     m = json.load(f)
   assert (m["n_data"], m["mode"], m["truncation"], m["seed"], m["complete"]) == (
       c.n_data, "random", c.truncation, c.seed, True)
-  expected = train_cgn_imagenet.model_config(ml_collections.ConfigDict({"model": c.model.to_dict()}))
-  assert m["model_config"] == expected.to_dict()
+  assert m["model_config"] == imagenet_cgn.config_from_fields(c.model).to_dict()
 
 
 def test_resume_regenerates_exactly_the_missing_indices(tiny_run, checkpoint, tmp_path):

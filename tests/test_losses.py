@@ -5,7 +5,6 @@ patch sampling, which no fixture can pin down.
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import jax
@@ -15,25 +14,63 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, load_fixture, nchw_to_nhwc
+from conftest import assert_close, fixture_stems, load_fixture, nchw_to_nhwc
 from cgn_jax import losses
 from cgn_jax import patches
+from parity import Fixture, ParityError, Rule, check_fixture
 
 STEM = "losses"
 
-# Every array of the fixture is claimed by exactly one of these patterns (see test_every_array_is_checked).
-CHECKED = {
-    r"binary_w[\d.]+": "test_binary_loss",
-    r"maskloss_w[\d.]+(_interval_[\d.]+_[\d.]+)?": "test_mask_loss",
-    r"backgroundloss_w[\d.]+": "test_background_loss",
-    r"rec_l[12]_w[\d.]+": "test_reconstruction_loss",
-    r"patches\d*_\d+x\d+_(pad|nopad)": "test_get_all_patches",
-    r"gram_out": "test_gram_matrix",
-    r"ssim_(module_dr1|loss_dr1|fn_default_dr255|fn_dr1_per_image|small_dr1|win_1d)": "test_ssim",
-    # inputs and configuration, used by the tests above
-    r"seed|mask|bg_mask|rec_[ab]|patches\d*_in|gram_in|ssim(_small)?_[xy]|maskloss_w[\d.]+_interval":
-        "inputs",
-}
+# Inputs and configuration of losses.npz (re.fullmatch); every other array is an output of a rule.
+INPUTS = [r"seed", r"mask|bg_mask|rec_[ab]|gram_in|patches\d*_in|ssim(_small)?_[xy]",
+          r"maskloss_w[\d.]+_interval"]  # MaskLoss's default interval, stored beside its value
+
+
+def _rules(z: Fixture) -> list[Rule]:
+  """How the port computes each output family of ``losses.npz`` (README §8), in NCHW."""
+  nhwc = lambda key: jnp.asarray(nchw_to_nhwc(z[key]))
+
+  def mask_loss(m):
+    interval = ((float(m[2]), float(m[3])) if m[2] else  # else the default, stored beside it
+                tuple(float(v) for v in z.get(m.string + "_interval", (0.1, 0.9))))
+    return losses.mask_loss(nhwc("mask"), float(m[1]), interval)  # per sample: shape [N]
+
+  def patches_of(m):
+    got = patches.get_all_patches(nhwc(m[1] + "_in"), (int(m[2]), int(m[3])), pad=m[4] == "pad")
+    return np.asarray(got).transpose(0, 3, 1, 2)
+
+  def ssim_small(m):
+    sx, sy = nhwc("ssim_small_x"), nhwc("ssim_small_y")
+    assert sx.shape[1] < 11 <= sx.shape[2], "the small case must have one axis shorter than the window"
+    with pytest.warns(UserWarning, match="shorter than the 11-tap window"):
+      return losses.ssim(sx, sy, 1.0)
+
+  ssim_xy = lambda: (nhwc("ssim_x"), nhwc("ssim_y"))
+  return [
+      Rule(r"binary_w([\d.]+)", "losses/value",
+           lambda m: jax.jit(losses.binary_loss, static_argnums=1)(nhwc("mask"), float(m[1]))),
+      Rule(r"maskloss_w([\d.]+)(?:_interval_([\d.]+)_([\d.]+))?", "losses/value", mask_loss),
+      Rule(r"backgroundloss_w([\d.]+)", "losses/value",
+           lambda m: losses.background_loss(nhwc("bg_mask"), float(m[1]))),
+      Rule(r"rec_(l[12])_w([\d.]+)", "losses/value",
+           lambda m: losses.reconstruction_loss(nhwc("rec_a"), nhwc("rec_b"), float(m[2]), m[1])),
+      Rule(r"(patches\d*)_(\d+)x(\d+)_(pad|nopad)", "losses/patches", patches_of),
+      Rule(r"gram_out", "losses/gram", lambda m: losses.gram_matrix(nhwc("gram_in"))),
+      Rule(r"ssim_win_1d", "losses/value", lambda m: losses.gaussian_window(11, 1.5)),
+      Rule(r"ssim_module_dr1", "losses/value",
+           lambda m: jax.jit(losses.ssim, static_argnums=2)(*ssim_xy(), 1.0)),
+      Rule(r"ssim_loss_dr1", "losses/value", lambda m: jax.jit(losses.ssim_loss)(*ssim_xy())),
+      Rule(r"ssim_fn_default_dr255", "losses/value", lambda m: losses.ssim(*ssim_xy())),  # data_range 255
+      Rule(r"ssim_fn_dr1_per_image", "losses/value",
+           lambda m: losses.ssim(*ssim_xy(), 1.0, size_average=False)),
+      Rule(r"ssim_small_dr1", "losses/value", ssim_small),
+  ]
+
+
+def _check(arrays, stem: str = STEM) -> dict[str, float]:
+  """Compares every array of ``arrays`` (the fixture or a subset of it) with the port."""
+  z = Fixture(arrays, stem)
+  return check_fixture(z, _rules(z), INPUTS, stem)
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +78,28 @@ def z(fixtures_dir):
   return load_fixture(fixtures_dir, STEM)
 
 
-def _keys(z, pattern):
-  keys = [k for k in z if re.fullmatch(pattern, k)]
-  assert keys, f"no key of {STEM}.npz matches {pattern}"
-  return keys
+@pytest.mark.parametrize("stem", fixture_stems(STEM))
+def test_fixture_parity(fixtures_dir, stem):
+  """Every array of the fixture: BinaryLoss, MaskLoss, BackgroundLoss, ReconstructionLoss,
+  get_all_patches, the gram matrix and pytorch_msssim's SSIM."""
+  _check(load_fixture(fixtures_dir, stem), stem)
 
 
-def test_every_array_is_checked(z):
-  for key in z:
-    owners = [p for p in CHECKED if re.fullmatch(p, key)]
-    assert len(owners) == 1, f"{STEM}.npz key '{key}' is claimed by {owners or 'no test'}"
-
-
-def test_binary_loss(z):
-  mask = nchw_to_nhwc(z["mask"])
-  for key in _keys(z, r"binary_w[\d.]+"):
-    w = float(key[len("binary_w"):])
-    assert_close(jax.jit(losses.binary_loss, static_argnums=1)(mask, w), z[key],
-                 atol=1e-5, rtol=1e-5, name=key)
+def test_reduced_fixture_is_checked_on_the_arrays_it_holds(z, tmp_path):
+  keep = ("mask", "binary_w0.3", "maskloss_w500", "rec_a", "rec_b", "rec_l2_w100", "patches_in",
+          "patches_2x2_pad")
+  np.savez(tmp_path / f"{STEM}.npz", **{k: z[k] for k in keep})
+  errors = _check(load_fixture(str(tmp_path), STEM))
+  assert set(errors) == {"binary_w0.3", "maskloss_w500", "rec_l2_w100", "patches_2x2_pad"}
+  # An output whose input is missing fails naming the input (not a KeyError) ...
+  with pytest.raises(ParityError, match="lacks 'bg_mask'"):
+    _check({**{k: z[k] for k in keep}, "backgroundloss_w2000": z["backgroundloss_w2000"]})
+  # ... an unknown array fails before anything is computed, naming it ...
+  with pytest.raises(ParityError, match="perceptual_w3"):
+    _check({**{k: z[k] for k in keep}, "perceptual_w3": z["binary_w0.3"]})
+  # ... and a wrong value names its key, error and tolerance.
+  with pytest.raises(ParityError, match=r"losses:binary_w0\.3: max \|port - ref\| 0\.01 exceeds atol"):
+    _check({**{k: z[k] for k in keep}, "binary_w0.3": z["binary_w0.3"] + np.float32(0.01)})
 
 
 def test_binary_loss_has_no_epsilon():
@@ -68,37 +109,6 @@ def test_binary_loss_has_no_epsilon():
   assert np.isnan(float(losses.binary_loss(jnp.asarray(m), 1.0))) and bool(torch.isnan(ref.mean()))
 
 
-def test_mask_loss(z):
-  mask = nchw_to_nhwc(z["mask"])
-  for key in _keys(z, r"maskloss_w[\d.]+(_interval_[\d.]+_[\d.]+)?"):
-    m = re.fullmatch(r"maskloss_w([\d.]+)(?:_interval_([\d.]+)_([\d.]+))?", key)
-    w = float(m.group(1))
-    if m.group(2):
-      interval = (float(m.group(2)), float(m.group(3)))
-    else:  # the default interval, stored beside the value
-      interval = tuple(float(v) for v in z.get(key + "_interval", (0.1, 0.9)))
-    got = losses.mask_loss(mask, w, interval)
-    assert got.shape == (mask.shape[0],), "MaskLoss is per sample"
-    assert_close(got, z[key], atol=1e-5, rtol=1e-5, name=key)
-
-
-def test_background_loss(z):
-  bg = nchw_to_nhwc(z["bg_mask"])
-  for key in _keys(z, r"backgroundloss_w[\d.]+"):
-    got = losses.background_loss(bg, float(key[len("backgroundloss_w"):]))
-    assert got.shape == (bg.shape[0],), "BackgroundLoss is per sample"
-    assert_close(got, z[key], atol=1e-5, rtol=1e-5, name=key)
-
-
-def test_reconstruction_loss(z):
-  a, b = nchw_to_nhwc(z["rec_a"]), nchw_to_nhwc(z["rec_b"])
-  for key in _keys(z, r"rec_l[12]_w[\d.]+"):
-    kind, w = key.split("_")[1], float(key.split("_w")[1])
-    assert_close(losses.reconstruction_loss(a, b, w, kind), z[key], atol=1e-5, rtol=1e-5, name=key)
-  with pytest.raises(ValueError, match="l3"):
-    losses.reconstruction_loss(a, b, 1.0, "l3")
-
-
 def test_adversarial_mse_loss():
   v = np.random.default_rng(0).standard_normal((7, 1)).astype(np.float32)
   for real, target in ((True, 1.0), (False, 0.0)):
@@ -106,35 +116,10 @@ def test_adversarial_mse_loss():
     assert_close(losses.adversarial_mse_loss(jnp.asarray(v), real), ref, atol=1e-6, name=f"real={real}")
 
 
-def test_get_all_patches(z):
-  for key in _keys(z, r"patches\d*_\d+x\d+_(pad|nopad)"):
-    m = re.fullmatch(r"(patches\d*)_(\d+)x(\d+)_(pad|nopad)", key)
-    x = nchw_to_nhwc(z[m.group(1) + "_in"])
-    got = patches.get_all_patches(jnp.asarray(x), (int(m.group(2)), int(m.group(3))),
-                                  pad=m.group(4) == "pad")
-    np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), z[key], err_msg=key)
-
-
-def test_gram_matrix(z):
-  assert_close(losses.gram_matrix(jnp.asarray(nchw_to_nhwc(z["gram_in"]))), z["gram_out"],
-               atol=1e-9, rtol=1e-5, name="gram_out")
-
-
-def test_ssim(z):
-  x, y = jnp.asarray(nchw_to_nhwc(z["ssim_x"])), jnp.asarray(nchw_to_nhwc(z["ssim_y"]))
-  sx, sy = jnp.asarray(nchw_to_nhwc(z["ssim_small_x"])), jnp.asarray(nchw_to_nhwc(z["ssim_small_y"]))
-  assert sx.shape[1] < 11 <= sx.shape[2], "the small case must have one axis shorter than the window"
-  got = {
-      "ssim_win_1d": losses.gaussian_window(11, 1.5),
-      "ssim_module_dr1": jax.jit(losses.ssim, static_argnums=2)(x, y, 1.0),
-      "ssim_loss_dr1": jax.jit(losses.ssim_loss)(x, y),
-      "ssim_fn_default_dr255": losses.ssim(x, y),  # the package default data_range=255
-      "ssim_fn_dr1_per_image": losses.ssim(x, y, 1.0, size_average=False),
-  }
-  with pytest.warns(UserWarning, match="shorter than the 11-tap window"):
-    got["ssim_small_dr1"] = losses.ssim(sx, sy, 1.0)
-  for key, value in got.items():
-    assert_close(value, z[key], atol=1e-5, rtol=1e-5, name=key)
+def test_reconstruction_loss_rejects_unknown_kind():
+  a = jnp.zeros((1, 2, 2, 3))
+  with pytest.raises(ValueError, match="l3"):
+    losses.reconstruction_loss(a, a, 1.0, "l3")
 
 
 def test_ssim_gradient_reaches_the_generator(z):

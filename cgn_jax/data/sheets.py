@@ -7,12 +7,17 @@ viewer or a crash never sees a half-written PNG.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from cgn_jax.composer import compose
 
 
 def image_grid(images: np.ndarray, nrow: int, *, padding: int = 2, pad_value: float = 1.0,
@@ -78,3 +83,23 @@ def contact_sheet(path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], p
   rows = np.concatenate(parts, axis=1)
   return save_image_grid(path, rows.reshape((-1,) + rows.shape[2:]), nrow=rows.shape[1],
                          scale=scale)
+
+
+def mnist_cgn_sheet(model: Any, variables: dict, key: jax.Array, path: str, n_per_class: int = 2,
+                    n_classes: int = 10, train: bool = False) -> str:
+  """An MNIST CGN's sheet: rows = classes; per sample four columns: mask, foreground, background,
+  composite (``train``: batch statistics, as during training; the stats are not updated)."""
+  cols = _mnist_sheet_columns(model, variables, key, n_per_class, n_classes, train)
+  grid = np.asarray(cols).reshape((n_classes, n_per_class * 4) + cols.shape[2:])
+  return save_image_grid(path, grid.reshape((-1,) + cols.shape[2:]), nrow=n_per_class * 4, scale=2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _mnist_sheet_columns(model, variables, key, n_per_class: int, n_classes: int, train: bool):
+  """(N, 4, H, W, C): one compiled forward (op by op it takes seconds of dispatch per sheet)."""
+  ys = jnp.repeat(jnp.arange(n_classes), n_per_class)
+  out = model.apply(variables, ys, key, train=train, mutable=["batch_stats"] if train else False)
+  out = out[0] if train else out
+  x = compose(out["mask"], out["foreground"], out["background"])
+  mask = jnp.broadcast_to(out["mask"] * 2 - 1, x.shape)  # [0,1] -> [-1,1] like the images
+  return jnp.stack([mask, out["foreground"], out["background"], x], axis=1)

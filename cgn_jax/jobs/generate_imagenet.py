@@ -56,8 +56,8 @@ from cgn_jax import checkpoints, parallel
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.data.imagenet_cfs import (HEADER, atomic_write, image_name, labels_name,
                                        merge_label_shards, present_images, read_labels, write_rows)
-from cgn_jax.jobs import train_cgn_imagenet
 from cgn_jax.models import biggan as biggan_lib
+from cgn_jax.models import imagenet_cgn, loading
 from cgn_jax.models.imagenet_cgn import CGNConfig, ImagenetCGN
 
 FAMILY = "imagenet_cgn"
@@ -109,7 +109,7 @@ def _draw(key, index, pools, sizes, truncation, z_dim: int):
   def one(i):
     k = jax.random.split(jax.random.fold_in(key, i), 5)
     cls = jnp.stack([pools[m, jax.random.randint(k[m], (), 0, sizes[m])] for m in range(3)])
-    z = jax.random.truncated_normal(k[3], -2.0, 2.0, (z_dim,), jnp.float32) * truncation
+    z = biggan_lib.truncated_noise(k[3], (z_dim,), truncation)
     return z, cls, jax.random.randint(k[4], (), 0, pools.shape[1])
   return jax.vmap(one)(index)
 
@@ -218,21 +218,18 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str
                    ) -> tuple[CGNConfig, str, Callable[[], dict]]:
   """(architecture, source, loader of the variables): loading waits until something is to do."""
   if config.checkpoint:
-    path = checkpoints.converted_path(config.checkpoint, FAMILY, os.path.join(workdir, "converted"))
+    path = loading.converted_dir(config.checkpoint, FAMILY, os.path.join(workdir, "converted"))
     cfg = CGNConfig.from_dict(checkpoints.load_meta(path)["model_config"])
-    return cfg, os.path.abspath(config.checkpoint), lambda: checkpoints.load_variables(path, FAMILY)
+    return cfg, os.path.abspath(config.checkpoint), lambda: imagenet_cgn.load(path)[1]
   if not config.allow_random_init:
     raise FileNotFoundError(
         "config.checkpoint is empty: generation needs a trained ImageNet CGN; pass "
         "--config.checkpoint=cgn.pth (the authors' weights) or an exported <train workdir>/cgn, or "
         "--config.allow_random_init=True to test the plumbing with random weights")
-  # The training job's random initialisation of config.model's architecture.
-  shim = ml_collections.ConfigDict(dict(
-      cgn_checkpoint="", biggan_checkpoint="", u2net_checkpoint="", allow_random_init=True,
-      seed=config.seed, model=config.model.to_dict()))
-  cfg = train_cgn_imagenet.model_config(shim)
+  cfg = imagenet_cgn.config_from_fields(config.model)
+  logging.warning("random ImageNet CGN weights (config.allow_random_init)")
   return (cfg, f"random weights (seed {config.seed})",
-          lambda: train_cgn_imagenet.initial_variables(shim, cfg, workdir))
+          lambda: imagenet_cgn.random_variables(cfg, config.seed))
 
 
 def _write_batch(batch, mesh, ims_dir: str, run_name: str, labels, pool, quality: int) -> int:
@@ -332,7 +329,7 @@ def _generate_sheets(config, run_dir: str, cfg: CGNConfig, load: Callable, mesh
   todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(todo))  # process 0 writes sheets
   if not len(todo):
     return 0, config.n_data
-  u = train_cgn_imagenet.load_fixed_noise(config.u_fixed, gan.z_dim)  # [1, z_dim], truncated already
+  u = imagenet_cgn.load_fixed_noise(config.u_fixed, gan.z_dim)  # [1, z_dim], truncated already
   variables = parallel.replicate(load(), mesh)
   fwd, sel = forward_fn(cfg, config.model.dtype), _selection(config.truncation, cfg)
   pools = class_pools(config.mode, config.classes, gan.num_classes)

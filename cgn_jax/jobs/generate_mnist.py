@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cgn_jax import parallel
 from cgn_jax.composer import compose
 from cgn_jax.data import storage
-from cgn_jax.jobs.sample_mnist import load_cgn
+from cgn_jax.models import mnist_cgn
 from cgn_jax.models.mnist_cgn import MnistCGN
 
 
@@ -56,7 +56,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
         config.dataset_size, config.seed, config.no_cfs, _source(config)):
       print(f"reusing {out}")
       return out
-  cgn, variables = load_cgn(config.checkpoint, workdir)
+  cgn, variables = mnist_cgn.load_or_init(config.checkpoint, os.path.join(workdir, "converted"))
   cgn = cgn.clone(subpixel=config.fast_upsample)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)

@@ -17,28 +17,28 @@ import os
 
 import ml_collections
 
-from cgn_jax.jobs import generate_mnist, sample_mnist, train_cgn_mnist, train_classifier
+from cgn_jax.jobs import run_job
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results: dict = {}
   if config.authors_checkpoint:
     if os.path.isfile(config.authors_checkpoint) or os.path.isdir(config.authors_checkpoint):
-      sheet_cfg = ml_collections.ConfigDict({"checkpoint": config.authors_checkpoint, "seed": 0,
-                                             "n_per_class": 2, "sheet_name": "authors_cgn_sheet.png",
-                                             "model": None})
-      results["authors_sheet"] = sample_mnist.run(sheet_cfg, workdir)
+      sheet_cfg = ml_collections.ConfigDict({"job": "sample_mnist", "seed": 0, "model": None,
+                                             "checkpoint": config.authors_checkpoint,
+                                             "n_per_class": 2, "sheet_name": "authors_cgn_sheet.png"})
+      results["authors_sheet"] = run_job(sheet_cfg, workdir)
     else:
       print(f"skipping the authors' sample sheet: {config.authors_checkpoint} not found")
 
   cgn_dir = os.path.join(workdir, "cgn")
-  train_cgn_mnist.train_and_evaluate(config.cgn, cgn_dir)
+  run_job(config.cgn, cgn_dir)
   results["cgn_samples"] = os.path.join(cgn_dir, "samples")
 
   gen = config.generate.copy_and_resolve_references()
   with gen.unlocked():
     gen.checkpoint = os.path.join(cgn_dir, "generator")
-  cf_dir = generate_mnist.generate(gen, os.path.join(workdir, "generate"))
+  cf_dir = run_job(gen, os.path.join(workdir, "generate"))
 
   accs = {}
   for train_on in ("real", "counterfactual"):
@@ -47,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       clf.train_on = train_on
       clf.cf_dataset_dir = cf_dir
       clf.real_dataset_dir = config.cgn.dataset_dir or os.path.join(cgn_dir, "data", config.cgn.dataset)
-    res = train_classifier.train_and_evaluate(clf, os.path.join(workdir, f"classifier_{train_on}"))
+    res = run_job(clf, os.path.join(workdir, f"classifier_{train_on}"))
     accs[train_on] = res["final_test_acc"]
   results["test_accuracy"] = accs
   print(f"\n{config.cgn.dataset}: classifier test accuracy trained on real data "

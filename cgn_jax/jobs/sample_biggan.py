@@ -16,22 +16,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cgn_jax import checkpoints
 from cgn_jax.data.sheets import save_image_grid
-from cgn_jax.models.biggan import (BigGAN, BigGANConfig, init_variables, stat_selection,
-                                   truncated_noise_sample)
+from cgn_jax.models import biggan
+from cgn_jax.models.biggan import BigGAN, BigGANConfig, stat_selection, truncated_noise_sample
 
 
-def load_biggan(checkpoint: str, workdir: str, model_cfg: ml_collections.ConfigDict | None = None,
-                seed: int = 0) -> tuple[BigGANConfig, dict]:
-  """(config, variables) from ``checkpoint`` (Orbax dir / .pth), or random init if it is empty."""
-  if checkpoint:
-    variables, meta = checkpoints.load_or_convert(checkpoint, "biggan",
-                                                  os.path.join(workdir, "converted"))
-    return BigGANConfig.from_dict(meta["model_config"]), variables
-  m = model_cfg.to_dict() if model_cfg else {}
+def _model(config: ml_collections.ConfigDict, workdir: str) -> tuple[BigGANConfig, dict]:
+  """(architecture, variables) of ``config.checkpoint``, or random ``config.model`` weights when it
+  is empty (noise images, for testing the plumbing)."""
+  if config.checkpoint:
+    model, variables = biggan.load(config.checkpoint, os.path.join(workdir, "converted"))
+    return model.config, variables
+  m = config.model.to_dict() if config.get("model") else {}
   cfg = BigGANConfig.deep(m.get("output_dim", 256), m.get("channel_width", 128))
-  return cfg, init_variables(cfg, seed)
+  return cfg, biggan.init_variables(cfg, config.seed)
 
 
 def sample_grid(cfg: BigGANConfig, variables: dict, classes, n_per_class: int, truncation: float,
@@ -55,7 +53,7 @@ def sample_grid(cfg: BigGANConfig, variables: dict, classes, n_per_class: int, t
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``<workdir>/samples/<sheet_name>`` and returns its path."""
-  cfg, variables = load_biggan(config.checkpoint, workdir, config.get("model"), config.seed)
+  cfg, variables = _model(config, workdir)
   bad = [c for c in config.classes if not 0 <= c < cfg.num_classes]
   if bad:
     raise ValueError(f"classes {bad} outside 0..{cfg.num_classes - 1}")

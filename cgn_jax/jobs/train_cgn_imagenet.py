@@ -15,7 +15,6 @@ draw does not depend on the device count or on how the effective batch is split 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import flax
@@ -25,22 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metrics as clu_metrics
-from clu import parameter_overview
-from tqdm import tqdm
 
-from cgn_jax import checkpoints, losses, parallel
+from cgn_jax import checkpoints, losses, parallel, training
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.models import biggan as biggan_lib
-from cgn_jax.models import imagenet_cgn, init as inits, u2net as u2net_lib, vgg
+from cgn_jax.models import imagenet_cgn, u2net as u2net_lib, vgg
 from cgn_jax.models.imagenet_cgn import MECHANISMS, CGNConfig, ImagenetCGN
-from cgn_jax.writers import MetricWriter
 
-LOSS_NAMES = ("l1", "perc", "binary", "mask", "perc_text", "bg", "total")
-
-# Logged as loss_<name>: clu reserves the keyword ``mask`` in ``single_from_model_output``.
-TrainMetrics = clu_metrics.Collection.create(
-    **{f"loss_{n}": clu_metrics.Average.from_output(f"loss_{n}") for n in LOSS_NAMES})
+LOSS_NAMES = ("l1", "perc", "binary", "mask", "perc_text", "bg", "total")  # logged as loss_<name>
 
 
 @flax.struct.dataclass
@@ -49,18 +40,6 @@ class TrainState:
   params: Any            # the three mechanisms only
   batch_stats: Any       # spectral-norm u/v and BigGAN/U2-Net statistics of all five parts
   opt: Any
-
-
-def model_config(config: ml_collections.ConfigDict) -> CGNConfig:
-  m = config.model
-  layers = tuple(tuple(l) for l in m.layers) or biggan_lib.PUBLISHED_LAYERS.get(m.output_dim)
-  if layers is None:
-    raise ValueError(f"config.model.output_dim={m.output_dim} has no published layout; "
-                     f"set config.model.layers or use one of {sorted(biggan_lib.PUBLISHED_LAYERS)}")
-  gan = biggan_lib.BigGANConfig(output_dim=m.output_dim, channel_width=m.channel_width,
-                                layers=tuple((bool(u), int(i), int(o)) for u, i, o in layers),
-                                attention_layer_position=m.attention_layer_position)
-  return CGNConfig(gan, m.u2net_variant)
 
 
 def _missing(what: str, field: str, family: str, example: str) -> FileNotFoundError:
@@ -75,37 +54,32 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
   (all four generators from one pretrained BigGAN, plus the pretrained U2-Net)."""
   cache = os.path.join(workdir, "converted")
   if config.cgn_checkpoint:
-    variables, meta = checkpoints.load_or_convert(config.cgn_checkpoint, "imagenet_cgn", cache)
-    stored = CGNConfig.from_dict(meta["model_config"])
-    if stored != cfg:
-      raise checkpoints.CheckpointError(
-          f"config.cgn_checkpoint holds a different architecture ({stored}); set config.model to match it")
+    model, variables = imagenet_cgn.load(config.cgn_checkpoint, cache)
+    if model.config != cfg:
+      raise checkpoints.CheckpointError(f"config.cgn_checkpoint holds a different architecture "
+                                        f"({model.config}); set config.model to match it")
     return variables
-  if config.biggan_checkpoint:
-    gan, meta = checkpoints.load_or_convert(config.biggan_checkpoint, "biggan", cache)
-    stored = biggan_lib.BigGANConfig.from_dict(meta["model_config"])
-    if stored != cfg.biggan:
-      raise checkpoints.CheckpointError(
-          f"config.biggan_checkpoint is a different BigGAN ({stored}); set config.model to match it")
-  elif config.allow_random_init:
-    logging.warning("random BigGAN weights (config.allow_random_init)")
-    gan = biggan_lib.init_variables(cfg.biggan, config.seed)
-  else:
+  if not config.allow_random_init and not config.biggan_checkpoint:
     raise _missing("BigGAN-deep-256", "biggan_checkpoint", "biggan", "biggan-deep-256/pytorch_model.bin")
-  if config.u2net_checkpoint:
-    mask_net, meta = checkpoints.load_or_convert(config.u2net_checkpoint, "u2net", cache)
-    if meta["model_config"].get("variant") != cfg.u2net_variant:
-      raise checkpoints.CheckpointError(
-          f"config.u2net_checkpoint is a {meta['model_config'].get('variant')}; set "
-          f"--config.model.u2net_variant accordingly")
-  elif config.allow_random_init:
-    logging.warning("random U2-Net weights (config.allow_random_init)")
-    size = cfg.biggan.output_dim
-    mask_net = inits.host_random_variables(u2net_lib.U2Net(cfg.u2net_variant),
-                                           (jnp.zeros((1, size, size, 3)),),
-                                           np.random.default_rng(config.seed + 1))
-  else:
+  if not config.allow_random_init and not config.u2net_checkpoint:
     raise _missing("U2-Net", "u2net_checkpoint", "u2net", "u2net.pth")
+  random = imagenet_cgn.random_variables(cfg, config.seed) if config.allow_random_init else None
+  if config.biggan_checkpoint:
+    gan_model, gan = biggan_lib.load(config.biggan_checkpoint, cache)
+    if gan_model.config != cfg.biggan:
+      raise checkpoints.CheckpointError(f"config.biggan_checkpoint is a different BigGAN "
+                                        f"({gan_model.config}); set config.model to match it")
+  else:
+    logging.warning("random BigGAN weights (config.allow_random_init)")
+    gan = {col: random[col]["biggan_GT"] for col in ("params", "batch_stats")}
+  if config.u2net_checkpoint:
+    mask_model, mask_net = u2net_lib.load(config.u2net_checkpoint, cache)
+    if mask_model.variant != cfg.u2net_variant:
+      raise checkpoints.CheckpointError(f"config.u2net_checkpoint is a {mask_model.variant}; set "
+                                        f"--config.model.u2net_variant accordingly")
+  else:
+    logging.warning("random U2-Net weights (config.allow_random_init)")
+    mask_net = {col: random[col]["u2net"] for col in ("params", "batch_stats")}
   return imagenet_cgn.assemble(gan, mask_net)
 
 
@@ -143,7 +117,7 @@ def draw_inputs(key: jax.Array, index: jax.Array, z_dim: int, num_classes: int, 
   def one(i):
     k = jax.random.split(jax.random.fold_in(key, i), 3)
     y = jax.random.randint(k[0], (), 0, num_classes)
-    z = jax.random.truncated_normal(k[1], -2.0, 2.0, (z_dim,), jnp.float32) * truncation
+    z = biggan_lib.truncated_noise(k[1], (z_dim,), truncation)
     return z, y, k[2]
   return jax.vmap(one)(index)
 
@@ -188,10 +162,12 @@ def make_grad_fn(config: ml_collections.ConfigDict, model: ImagenetCGN, features
 
 def make_train_step(config: ml_collections.ConfigDict, model: ImagenetCGN,
                     tx: optax.GradientTransformation, features_fn, mesh=None) -> Callable:
-  """``step(state, frozen_params, key) -> (state, metrics)``: one episode, one update."""
+  """``step(state, batch, key, frozen_params) -> (state, losses)``: one episode, one update (there
+  is no batch: the generators draw their own inputs)."""
   grads_fn = make_grad_fn(config, model, features_fn, mesh)
 
-  def step(state: TrainState, frozen: Any, key: jax.Array):
+  def step(state: TrainState, batch: None, key: jax.Array, frozen: Any):
+    del batch
     grads, stats, terms = grads_fn(state.params, state.batch_stats, frozen,
                                    jax.random.fold_in(key, state.step))
     # The authors' summed-gradient scale on top of the mean (see configs/imagenet.py).
@@ -199,25 +175,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: ImagenetCGN,
     updates, opt = tx.update(grads, state.opt, state.params)
     new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                      batch_stats=stats, opt=opt)
-    return new, TrainMetrics.single_from_model_output(**{f"loss_{n}": t for n, t in terms.items()})
+    return new, {f"loss_{n}": t for n, t in terms.items()}
 
   return step
-
-
-def load_fixed_noise(path: str, z_dim: int) -> np.ndarray:
-  """The authors' sheet noise u_fixed [1, z_dim] from .npy, or from their .pth (needs torch)."""
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(f"fixed noise '{path}' not found; point --config.u_fixed at "
-                            f"u_fixed.npy/.pth (shipped in the authors' imagenet/data/)")
-  if path.endswith(".npy"):
-    u = np.load(path)
-  else:
-    import torch  # pylint: disable=import-outside-toplevel
-    u = torch.load(path, map_location="cpu").numpy()
-  u = np.asarray(u, np.float32).reshape(-1, u.shape[-1])
-  if u.shape[-1] != z_dim:
-    raise ValueError(f"fixed noise '{path}' has dimension {u.shape[-1]}, the model expects {z_dim}")
-  return u[:1]
 
 
 def sample_sheet(model: ImagenetCGN, variables: dict, u_fixed: np.ndarray, classes, truncation: float,
@@ -245,59 +205,36 @@ def export_cgn(path: str, variables: dict, cfg: CGNConfig, step: int) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the ImageNet CGN in ``workdir``; returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.create_mesh(jax.devices()[:config.num_devices] if config.num_devices > 0 else None)
-  parallel.check_batch_size(config.train.micro_batch_size, mesh, "train.micro_batch_size")
-  cfg = model_config(config)
-  model = ImagenetCGN(cfg, dtype=jnp.dtype(config.model.dtype))
-  u_fixed = load_fixed_noise(config.u_fixed, cfg.biggan.z_dim)
-  variables = initial_variables(config, cfg, workdir)
-  trainable, frozen = imagenet_cgn.split_trainable(variables["params"])
-  features_fn = vgg.load_features_fn(config.vgg_checkpoint, os.path.join(workdir, "converted"),
-                                     jax.random.key(config.seed + 2))
-  tx = create_optimizer(config)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                     batch_stats=variables["batch_stats"], opt=tx.init(trainable))
-  ckpt = checkpoints.TrainCheckpointer(workdir, config.log.keep_checkpoints, config.log.checkpoint_every)
-  state, start = ckpt.restore_or(state)
-  if start:
-    print(f"resuming from episode {start} in {workdir}")
-  else:
-    logging.info("%s", parameter_overview.get_parameter_overview(trainable))
 
-  repl = parallel.replicated(mesh)
-  state, frozen = jax.device_put(state, repl), jax.device_put(frozen, repl)
-  step_fn = jax.jit(make_train_step(config, model, tx, features_fn, mesh),
-                    in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-  sheet_fwd = jax.jit(lambda v, z, y: model.apply(v, z, y, y, y, float(config.truncation)))
-  key = jax.random.key(config.seed + 3)
-  writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
-  episodes = config.train.episodes
-  bar = tqdm(total=episodes, initial=start, desc="cgn imagenet", unit="episode",
-             disable=jax.process_index() != 0 or not config.log.progress_bar)
-  acc, t0, last = None, time.time(), start
-  for episode in range(start, episodes):
-    state, m = step_fn(state, frozen, key)
-    acc = m if acc is None else acc.merge(m)
-    done = episode + 1
-    if done % config.log.every_steps == 0 or done == episodes:
-      scalars = acc.compute()  # the loop's only host sync
-      scalars["episodes_per_sec"] = (done - last) / max(time.time() - t0, 1e-9)
-      writer.write_scalars(done, scalars)
-      bar.set_postfix({k[5:]: f"{float(v):.3f}" for k, v in scalars.items() if k.startswith("loss_")})
-      acc, t0, last = None, time.time(), done
-    if config.log.sample_every and (done % config.log.sample_every == 0 or done == episodes):
-      if jax.process_index() == 0:
-        full = {"params": {**state.params, **frozen}, "batch_stats": state.batch_stats}
-        sample_sheet(model, full, u_fixed, config.sheet_classes, float(config.truncation),
-                     os.path.join(workdir, "samples", f"cls_sheet_ep_{done:07d}.png"), sheet_fwd)
-    ckpt.maybe_save(done, state, force=done == episodes)
-    bar.update(1)
-  bar.close()
-  ckpt.close()
-  writer.flush()
-  if jax.process_index() == 0:
-    export_cgn(os.path.join(workdir, "cgn"),
-               {"params": {**state.params, **frozen}, "batch_stats": state.batch_stats},
-               cfg, int(state.step))
-  return state
+  def build(mesh) -> training.Task:
+    parallel.check_batch_size(config.train.micro_batch_size, mesh, "train.micro_batch_size")
+    cfg = imagenet_cgn.config_from_fields(config.model)
+    model = ImagenetCGN(cfg, dtype=jnp.dtype(config.model.dtype))
+    u_fixed = imagenet_cgn.load_fixed_noise(config.u_fixed, cfg.biggan.z_dim)
+    variables = initial_variables(config, cfg, workdir)
+    trainable, frozen = imagenet_cgn.split_trainable(variables["params"])
+    features_fn = vgg.load_features_fn(config.vgg_checkpoint, os.path.join(workdir, "converted"),
+                                       jax.random.key(config.seed + 2))
+    tx = create_optimizer(config)
+    sheet_fwd = jax.jit(lambda v, z, y: model.apply(v, z, y, y, y, float(config.truncation)))
+    whole = lambda s, frozen: {"params": {**s.params, **frozen}, "batch_stats": s.batch_stats}
+    local_frozen = training.host_copy(frozen)  # for the hooks and the export on process 0
+
+    def sheet(state: TrainState, episode: int) -> None:
+      sample_sheet(model, whole(state, local_frozen), u_fixed, config.sheet_classes,
+                   float(config.truncation),
+                   os.path.join(workdir, "samples", f"cls_sheet_ep_{episode:07d}.png"), sheet_fwd)
+
+    return training.Task(
+        name="cgn imagenet", unit="episode",
+        state=TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                         batch_stats=variables["batch_stats"], opt=tx.init(trainable)),
+        step_fn=make_train_step(config, model, tx, features_fn, mesh),
+        metrics=[f"loss_{n}" for n in LOSS_NAMES],
+        num_steps=config.train.episodes, key=jax.random.key(config.seed + 3), constants=frozen,
+        hooks=[training.Hook(config.log.sample_every, sheet, at_end=bool(config.log.sample_every))],
+        export=lambda s: export_cgn(os.path.join(workdir, "cgn"), whole(s, local_frozen), cfg,
+                                    int(s.step)),
+        bar_keys=tuple(f"loss_{n}" for n in LOSS_NAMES))
+
+  return training.run(config, workdir, build)

@@ -9,7 +9,6 @@ order a per-epoch permutation of the seed, so a resumed run continues the same t
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import flax
@@ -18,19 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from clu import metrics as clu_metrics
-from clu import parameter_overview
-from tqdm import tqdm
 
-from cgn_jax import checkpoints, losses, parallel
+from cgn_jax import checkpoints, losses, parallel, training
 from cgn_jax.composer import compose
-from cgn_jax.data import build, storage
+from cgn_jax.data import batches
+from cgn_jax.data.sheets import mnist_cgn_sheet
 from cgn_jax.data.augment import color_jitter
-from cgn_jax.jobs.sample_mnist import sample_sheet
 from cgn_jax.models import vgg
 from cgn_jax.models.mnist_cgn import DiscConv, DiscLin, MnistCGN
-from cgn_jax.writers import MetricWriter
 
 LOSS_NAMES = ("g_adv", "g_binary", "g_perc", "g_ssim", "g_total", "d_real", "d_fake", "d_total")
 
@@ -44,11 +38,6 @@ class TrainState:
   d_stats: Any
   g_opt: Any
   d_opt: Any
-
-
-# clu metrics: per-step values are merged on device; only ``compute()`` at log time syncs the host.
-TrainMetrics = clu_metrics.Collection.create(
-    **{name: clu_metrics.Average.from_output(name) for name in LOSS_NAMES})
 
 
 def create_models(config: ml_collections.ConfigDict) -> tuple[MnistCGN, Any]:
@@ -83,7 +72,7 @@ def create_train_state(config, cgn, disc, tx_g, tx_d, key) -> TrainState:
 
 
 def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn):
-  """Returns ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted)."""
+  """Returns ``train_step(state, batch, key, constants) -> (state, losses)`` (not yet jitted)."""
   lam = config.lambdas
   perc_w = tuple(lam.perc)
 
@@ -92,7 +81,8 @@ def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn):
                           rngs={"dropout": key}, mutable=["batch_stats"])
     return out, new.get("batch_stats", stats)
 
-  def train_step(state: TrainState, batch: dict, base_key: jax.Array):
+  def train_step(state: TrainState, batch: dict, base_key: jax.Array, constants=None):
+    del constants
     key = jax.random.fold_in(base_key, state.step)
     k_y, k_g, k_d0, k_d1, k_d2, k_aug = jax.random.split(key, 6)
     x_gt, y_gt = batch["image"], batch["label"]
@@ -136,99 +126,47 @@ def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn):
 
     new_state = TrainState(step=state.step + 1, g_params=g_params, g_stats=g_stats,
                            d_params=d_params, d_stats=d_stats, g_opt=g_opt, d_opt=d_opt)
-    metrics = TrainMetrics.single_from_model_output(
-        **g_terms, g_total=g_total, d_real=d_real, d_fake=d_fake, d_total=d_total)
-    return new_state, metrics
+    return new_state, {**g_terms, "g_total": g_total, "d_real": d_real, "d_fake": d_fake,
+                       "d_total": d_total}
 
   return train_step
 
 
-class EpochBatches:
-  """Deterministic minibatches: epoch e uses permutation ``default_rng([seed, e])``; the last
-  incomplete batch is dropped (the authors' sizes divide exactly: 60000/16, 50000/16)."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray, encoding: str, batch_size: int, seed: int):
-    self.images, self.labels, self.encoding = images, labels, encoding
-    self.batch_size, self.seed = batch_size, seed
-    self.steps_per_epoch = len(labels) // batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"batch size {batch_size} exceeds the {len(labels)} training images")
-    self._epoch, self._perm = -1, None
-
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    epoch, i = divmod(step, self.steps_per_epoch)
-    if epoch != self._epoch:
-      self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
-    idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-    return {"image": storage.decode_images(self.images[idx], self.encoding),
-            "label": self.labels[idx].astype(np.int32)}
-
-
-def load_training_data(config, workdir: str) -> EpochBatches:
-  out = config.dataset_dir or os.path.join(workdir, "data", config.dataset)
-  limit = config.dataset_limit if config.dataset_limit > 0 else None
-  build.build_variant(config.dataset, config.data_dir, out, seed=config.data_seed, limit=limit)
-  manifest = storage.read_manifest(out)
-  images, labels = storage.read_split(out, "train", decode=False)
-  return EpochBatches(images, labels[manifest["target"]], manifest["image"]["encoding"],
-                      config.train.batch_size, config.seed)
+def load_training_data(config: ml_collections.ConfigDict, workdir: str) -> batches.EpochBatches:
+  images, labels, encoding = batches.load_split(batches.variant_dir(config, workdir), "train")
+  return batches.EpochBatches(images, labels, encoding, config.train.batch_size, config.seed)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the MNIST CGN in ``workdir``; returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.create_mesh(jax.devices()[:config.num_devices] if config.num_devices > 0 else None)
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  data = load_training_data(config, workdir)
-  num_steps = (config.train.num_steps if config.train.num_steps > 0
-               else config.train.epochs * data.steps_per_epoch)
 
-  cgn, disc = create_models(config)
-  tx_g, tx_d = create_optimizers(config)
-  features_fn = vgg.load_features_fn(config.vgg_checkpoint, os.path.join(workdir, "converted"),
-                                     jax.random.key(config.seed + 1))
-  state = create_train_state(config, cgn, disc, tx_g, tx_d, jax.random.key(config.seed))
-  ckpt = checkpoints.TrainCheckpointer(workdir, config.log.keep_checkpoints, config.log.checkpoint_every)
-  state, start = ckpt.restore_or(state)
-  if start:
-    print(f"resuming from step {start} in {workdir}")
-  else:
-    logging.info("%s", parameter_overview.get_parameter_overview(state.g_params))
+  def build(mesh) -> training.Task:
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    data = load_training_data(config, workdir)
+    cgn, disc = create_models(config)
+    tx_g, tx_d = create_optimizers(config)
+    features_fn = vgg.load_features_fn(config.vgg_checkpoint, os.path.join(workdir, "converted"),
+                                       jax.random.key(config.seed + 1))
 
-  repl = parallel.replicated(mesh)
-  state = jax.device_put(state, repl)
-  step_fn = jax.jit(make_train_step(config, cgn, disc, tx_g, tx_d, features_fn),
-                    in_shardings=(repl, parallel.batch_sharding(mesh), repl),
-                    out_shardings=(repl, repl), donate_argnums=(0,))
-  base_key = jax.random.key(config.seed + 2)
-  writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
-  sheets = os.path.join(workdir, "samples")
-  acc, t0, last = None, time.time(), start
-  bar = tqdm(total=num_steps, initial=start, desc=f"cgn {config.dataset}", unit="step",
-             disable=jax.process_index() != 0 or not config.log.progress_bar)
-  for step in range(start, num_steps):
-    state, m = step_fn(state, parallel.shard_batch(data.batch(step), mesh), base_key)
-    acc = m if acc is None else acc.merge(m)
-    done = step + 1
-    if done % config.log.every_steps == 0 or done == num_steps:
-      scalars = acc.compute()  # the only host sync of the loop
-      scalars["steps_per_sec"] = (done - last) / max(time.time() - t0, 1e-9)
-      writer.write_scalars(done, scalars)
-      bar.set_postfix({k: f"{float(v):.3f}" for k, v in scalars.items()
-                       if k in ("g_adv", "g_binary", "g_perc", "d_total")})
-      acc, t0, last = None, time.time(), done
-    if config.log.sample_every and (done % config.log.sample_every == 0 or done == num_steps):
+    def sheet(state: TrainState, step: int) -> None:
       variables = {"params": state.g_params, "batch_stats": state.g_stats}
-      sample_sheet(cgn, variables, jax.random.key(config.seed), f"{sheets}/step_{done:07d}.png",
-                   n_per_class=3, n_classes=config.model.n_classes, train=True)
-    ckpt.maybe_save(done, state, force=done == num_steps)
-    bar.update(1)
-  bar.close()
-  ckpt.close()
-  writer.flush()
-  if jax.process_index() == 0:
-    export_generator(state, cgn, os.path.join(workdir, "generator"), config)
-  return state
+      mnist_cgn_sheet(cgn, variables, jax.random.key(config.seed),
+                   os.path.join(workdir, "samples", f"step_{step:07d}.png"), n_per_class=3,
+                   n_classes=config.model.n_classes, train=True)
+
+    return training.Task(
+        name=f"cgn {config.dataset}",
+        state=create_train_state(config, cgn, disc, tx_g, tx_d, jax.random.key(config.seed)),
+        step_fn=make_train_step(config, cgn, disc, tx_g, tx_d, features_fn), metrics=LOSS_NAMES,
+        num_steps=(config.train.num_steps if config.train.num_steps > 0
+                   else config.train.epochs * data.steps_per_epoch),
+        key=jax.random.key(config.seed + 2), batches=data,
+        params=lambda s: {"generator": s.g_params, "discriminator": s.d_params},
+        hooks=[training.Hook(config.log.sample_every, sheet, at_end=bool(config.log.sample_every))],
+        export=lambda s: export_generator(s, cgn, os.path.join(workdir, "generator"), config),
+        bar_keys=("g_adv", "g_binary", "g_perc", "d_total"))
+
+  return training.run(config, workdir, build)
 
 
 def export_generator(state: TrainState, cgn: MnistCGN, path: str, config) -> str:

@@ -1,8 +1,10 @@
 """The MNIST CNN classifier on real, counterfactual or mixed data (the authors' mnists/train_classifier.py).
 
 Adadelta(lr 1.0, rho 0.9, eps 1e-6: torch's defaults), learning rate times 0.7 after every epoch
-(StepLR), batch 64, 10 epochs; accuracy on the variant's real test split after every epoch. The
-training step is jit-compiled with the batch sharded over every device.
+(StepLR), batch 64, 10 epochs; accuracy on the variant's real test split after every epoch. Runs on
+the shared training loop: a checkpoint every ``checkpoint_every_epochs`` (resumed bitwise), one
+metrics row per epoch, and ``results.json`` rewritten atomically after every epoch with the
+accuracies so far (a killed run keeps its finished epochs; a resumed one drops the epochs it redoes).
 """
 
 from __future__ import annotations
@@ -16,34 +18,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from cgn_jax import parallel
-from cgn_jax.data import build, storage
+from cgn_jax import parallel, training
+from cgn_jax.data import batches, storage
 from cgn_jax.models.classifiers import MnistCNN
 
-
-def _load(path: str, split: str) -> tuple[np.ndarray, np.ndarray, str]:
-  manifest = storage.read_manifest(path)
-  images, labels = storage.read_split(path, split, decode=False)
-  return images, labels[manifest["target"]].astype(np.int32), manifest["image"]["encoding"]
+RESULTS = "results.json"
 
 
 def load_data(config, workdir: str):
   """(train images, labels, encoding), (test images, labels, encoding) per ``config.train_on``."""
-  real = config.real_dataset_dir or os.path.join(workdir, "data", config.dataset)
-  limit = config.dataset_limit if config.dataset_limit > 0 else None
-  build.build_variant(config.dataset, config.data_dir, real, seed=config.data_seed, limit=limit)
+  if config.train_on not in ("real", "counterfactual", "mixed"):
+    raise ValueError(f"config.train_on must be real, counterfactual or mixed, not '{config.train_on}'")
+  real = batches.variant_dir(config, workdir, "real_dataset_dir")
   parts = []
   if config.train_on in ("real", "mixed"):
-    parts.append(_load(real, "train"))
+    parts.append(batches.load_split(real, "train"))
   if config.train_on in ("counterfactual", "mixed"):
     if not config.cf_dataset_dir:
       raise FileNotFoundError("config.cf_dataset_dir is empty; generate counterfactuals first "
                               "(configs/mnist_generate.py) and pass --config.cf_dataset_dir=DIR")
-    parts.append(_load(config.cf_dataset_dir, "train"))
-  if not parts:
-    raise ValueError(f"config.train_on must be real, counterfactual or mixed, not '{config.train_on}'")
+    parts.append(batches.load_split(config.cf_dataset_dir, "train"))
   # Mixed data are decoded to float32 only batch by batch; uint8 and quantised sets share a code.
   encs = {p[2] for p in parts}
   if len(encs) > 1:
@@ -52,11 +47,17 @@ def load_data(config, workdir: str):
   if 0 < config.max_train_images < len(train[1]):  # a seeded subset (quick runs)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(train[1]))[:config.max_train_images])
     train = (train[0][keep], train[1][keep], train[2])
-  return train, _load(real, "test")
+  return train, batches.load_split(real, "test")
 
 
 def make_steps(model: MnistCNN, tx):
-  def train_step(state, images, labels):
+  """``train_step(state, batch, key, constants) -> (state, {loss, accuracy})`` and
+  ``eval_step(state, images, labels, valid) -> correct count``."""
+
+  def train_step(state, batch, key, constants=None):
+    del key, constants  # deterministic: no dropout, no augmentation
+    images, labels = batch["image"], batch["label"]
+
     def loss_fn(params):
       logp, new = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
                               train=True, mutable=["batch_stats"])
@@ -66,7 +67,8 @@ def make_steps(model: MnistCNN, tx):
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats,
                  "opt": opt}
-    return new_state, loss, jnp.sum(jnp.argmax(logp, -1) == labels)
+    accuracy = 100 * jnp.mean((jnp.argmax(logp, -1) == labels).astype(jnp.float32))
+    return new_state, {"train_loss": loss, "train_acc": accuracy}
 
   def eval_step(state, images, labels, valid):
     logp = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images)
@@ -75,52 +77,69 @@ def make_steps(model: MnistCNN, tx):
   return train_step, eval_step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  (x_tr, y_tr, enc_tr), (x_te, y_te, enc_te) = load_data(config, workdir)
-  steps_per_epoch = len(y_tr) // config.batch_size  # the last partial batch is dropped (static shapes)
-  model = MnistCNN(num_classes=10)
-  schedule = optax.exponential_decay(config.lr, steps_per_epoch, config.gamma, staircase=True)
-  tx = optax.adadelta(schedule, rho=0.9, eps=1e-6)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3))))(jax.random.key(config.seed))
-  state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-           "opt": tx.init(variables["params"])}
-  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state = jax.device_put(state, repl)
-  train_step, eval_step = make_steps(model, tx)
-  train_step = jax.jit(train_step, in_shardings=(repl, data, data), out_shardings=(repl, repl, repl),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(eval_step, in_shardings=(repl, data, data, data), out_shardings=repl)
+def _write_results(workdir: str, results: dict) -> None:
+  tmp = os.path.join(workdir, RESULTS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, RESULTS))
 
-  history = []
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the classifier in ``workdir``; returns the contents of results.json."""
   t_start = time.time()
-  for epoch in range(config.epochs):
-    perm = np.random.default_rng([config.seed, epoch]).permutation(len(y_tr))
-    correct, losses = [], []
-    for i in tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{config.epochs}",
-                  unit="step", disable=not config.progress_bar, leave=False):
-      idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
-      batch = parallel.shard_batch({"x": storage.decode_images(x_tr[idx], enc_tr), "y": y_tr[idx]}, mesh)
-      state, loss, c = train_step(state, batch["x"], batch["y"])
-      correct.append(c)
-      losses.append(loss)
-    train_acc = float(np.sum(jax.device_get(correct))) / (steps_per_epoch * config.batch_size)
-    test_acc = evaluate(eval_step, state, x_te, y_te, enc_te, config.eval_batch_size, mesh)
-    row = {"epoch": epoch + 1, "train_acc": 100 * train_acc, "test_acc": 100 * test_acc,
-           "train_loss": float(np.mean(jax.device_get(losses)))}
-    history.append(row)
-    print(f"epoch {epoch + 1}: train acc {row['train_acc']:.2f}%  test acc {row['test_acc']:.2f}%")
-  results = {"dataset": config.dataset, "train_on": config.train_on, "n_train": int(len(y_tr)),
-             "cf_dataset_dir": config.cf_dataset_dir, "epochs": history,
-             "final_train_acc": history[-1]["train_acc"], "final_test_acc": history[-1]["test_acc"],
-             "wall_s": time.time() - t_start}
+  results: dict = {}
+
+  def build(mesh) -> training.Task:
+    parallel.check_batch_size(config.batch_size, mesh, "batch_size")
+    (x_tr, y_tr, enc_tr), (x_te, y_te, enc_te) = load_data(config, workdir)
+    data = batches.EpochBatches(x_tr, y_tr, enc_tr, config.batch_size, config.seed)
+    per_epoch = data.steps_per_epoch
+    model = MnistCNN(num_classes=10)
+    schedule = optax.exponential_decay(config.lr, per_epoch, config.gamma, staircase=True)
+    tx = optax.adadelta(schedule, rho=0.9, eps=1e-6)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3))))(jax.random.key(config.seed))
+    train_step, eval_step = make_steps(model, tx)
+    repl, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    eval_step = jax.jit(eval_step, in_shardings=(repl, rows, rows, rows), out_shardings=repl)
+    results.update({"dataset": config.dataset, "train_on": config.train_on,
+                    "n_train": int(len(y_tr)), "cf_dataset_dir": config.cf_dataset_dir, "epochs": []})
+
+    def test_accuracy(state, step: int) -> dict[str, float]:
+      return {"test_acc": 100 * evaluate(eval_step, state, x_te, y_te, enc_te,
+                                         config.eval_batch_size, mesh)}
+
+    def on_resume(step: int) -> None:  # the epochs after the checkpoint are trained again
+      path = os.path.join(workdir, RESULTS)
+      if step and os.path.exists(path):
+        with open(path) as f:
+          results["epochs"] = [r for r in json.load(f)["epochs"] if r["epoch"] <= step // per_epoch]
+
+    def on_log(step: int, row: dict[str, float]) -> None:
+      if step % per_epoch == 0:
+        results["epochs"].append({"epoch": step // per_epoch, "train_acc": row["train_acc"],
+                                  "test_acc": row["test_acc"], "train_loss": row["train_loss"]})
+        _write_results(workdir, results)
+        print(f"epoch {step // per_epoch}: train acc {row['train_acc']:.2f}%  "
+              f"test acc {row['test_acc']:.2f}%", flush=True)
+
+    return training.Task(
+        name=f"classifier {config.dataset} ({config.train_on})",
+        state={"params": variables["params"], "batch_stats": variables["batch_stats"],
+               "opt": tx.init(variables["params"])},
+        step_fn=train_step, metrics=("train_loss", "train_acc"),
+        num_steps=config.epochs * per_epoch, key=jax.random.key(config.seed),
+        batches=data, params=lambda s: s["params"],
+        hooks=[training.Hook(per_epoch, test_accuracy, all_processes=True)],
+        on_log=on_log, on_resume=on_resume, bar_keys=("train_loss", "train_acc"),
+        # One metrics row per epoch (the epoch's means), a checkpoint every few epochs.
+        log_every=per_epoch, checkpoint_every=per_epoch * config.log.checkpoint_every_epochs)
+
+  training.run(config, workdir, build)
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
+    last = results["epochs"][-1] if results.get("epochs") else {}
+    results.update(final_train_acc=last.get("train_acc"), final_test_acc=last.get("test_acc"),
+                   wall_s=time.time() - t_start)
+    _write_results(workdir, results)
   return results
 
 

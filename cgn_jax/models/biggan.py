@@ -28,6 +28,7 @@ import flax.linen as nn
 import numpy as np
 
 from cgn_jax.models import init as inits
+from cgn_jax.models import loading
 from cgn_jax.models.layers import upsample_nearest
 
 Array = jax.Array
@@ -498,12 +499,17 @@ class BigGAN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Helpers.
 
+def truncated_noise(key: Array, shape: Sequence[int], truncation: Union[float, Array] = 1.0) -> Array:
+  """The one noise sampler of every BigGAN job, as the authors draw it: a truncated normal in
+  [-2, 2] (scipy ``truncnorm(-2, 2)``'s distribution, not its stream), times the truncation."""
+  return jax.random.truncated_normal(key, -2.0, 2.0, tuple(shape), jnp.float32) * truncation
+
+
 def truncated_noise_sample(key_or_seed: Union[int, Array], batch: int, dim_z: int = 128,
                            truncation: float = 1.0) -> Array:
-  """Noise as the authors draw it: truncated normal in [-2, 2] (scipy ``truncnorm(-2, 2)``'s
-  distribution, not its stream), times the truncation."""
+  """``[batch, dim_z]`` of :func:`truncated_noise` from a key or an int seed."""
   key = jax.random.PRNGKey(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
-  return jax.random.truncated_normal(key, -2.0, 2.0, (batch, dim_z), jnp.float32) * truncation
+  return truncated_noise(key, (batch, dim_z), truncation)
 
 
 def one_hot_from_int(classes: Union[int, Sequence[int], Array], n: int = 1000) -> Array:
@@ -558,9 +564,18 @@ def set_spectral_vectors(variables: dict, rng: np.random.Generator | None = None
   return variables
 
 
-def load(path: str) -> tuple[BigGAN, Any]:
-  """A converted checkpoint (``python -m converters biggan ...``) -> (module, variables)."""
-  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  variables = checkpoints.load_variables(path, "biggan")
-  cfg = BigGANConfig.from_dict(checkpoints.load_meta(path)["model_config"])
-  return BigGAN(cfg), variables
+def load(checkpoint: str, cache_dir: str | None = None,
+         **module_kwargs: Any) -> tuple[BigGAN, Any]:
+  """BigGAN-deep from a converted dir or the published ``pytorch_model.bin``/``.pth`` (converted
+  once into ``cache_dir``; ``None`` is ``loading.default_cache_dir()``).
+
+  Args:
+    checkpoint: the directory or the file.
+    cache_dir: where a file is converted to.
+    **module_kwargs: ``BigGAN`` fields other than the stored config, e.g. ``dtype``.
+
+  Returns:
+    ``(module, variables)``; ``module.config`` is the stored architecture.
+  """
+  variables, meta = loading.load_converted(checkpoint, "biggan", cache_dir)
+  return BigGAN(BigGANConfig.from_dict(meta["model_config"]), **module_kwargs), variables

@@ -6,11 +6,13 @@ too when it is ported.
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 from flax import linen as nn
 
 from cgn_jax.models import init as inits
+from cgn_jax.models import loading
 from cgn_jax.models.layers import Conv2d, TorchBatchNorm, avg_pool_floor, max_pool_torch
 
 Array = jax.Array
@@ -36,3 +38,15 @@ class MnistCNN(nn.Module):
     x = nn.Dense(self.num_classes, name="fc", kernel_init=inits.kernel_init("torch_default", 0),
                  bias_init=inits.bias_init("torch_default", x.shape[-1]))(x)
     return jax.nn.log_softmax(x, axis=-1)
+
+
+def load(checkpoint: str, cache_dir: str | None = None,
+         **module_kwargs: Any) -> tuple[MnistCNN, Any]:
+  """The MNIST CNN from a converted dir or the authors' ``.pth`` (family ``mnist_classifier``,
+  converted once into ``cache_dir``; ``None`` is ``loading.default_cache_dir()``).
+
+  Returns:
+    ``(module, variables)``, the module built from the stored ``model_config``.
+  """
+  variables, meta = loading.load_converted(checkpoint, "mnist_classifier", cache_dir)
+  return MnistCNN(**meta["model_config"], **module_kwargs), variables

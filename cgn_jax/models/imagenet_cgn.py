@@ -20,13 +20,19 @@ params (optimised) from the frozen ones (constants of the step, never in an opti
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import ml_collections
+import numpy as np
 
 from cgn_jax.composer import compose
+from cgn_jax.models import biggan as biggan_lib
+from cgn_jax.models import init as inits
+from cgn_jax.models import loading
 from cgn_jax.models.biggan import BigGAN, BigGANConfig, StatSelection
 from cgn_jax.models.u2net import U2Net
 
@@ -111,3 +117,66 @@ def assemble(biggan_variables: dict, u2net_variables: dict,
   out["params"]["u2net"] = u2net_variables["params"]
   out["batch_stats"]["u2net"] = u2net_variables["batch_stats"]
   return out
+
+
+def config_from_fields(model: ml_collections.ConfigDict) -> CGNConfig:
+  """The architecture named by a job config's ``model`` fields (output_dim, channel_width, layers,
+  attention_layer_position, u2net_variant); empty ``layers`` means the published layout."""
+  layers = tuple(tuple(l) for l in model.layers) or biggan_lib.PUBLISHED_LAYERS.get(model.output_dim)
+  if layers is None:
+    raise ValueError(f"config.model.output_dim={model.output_dim} has no published layout; "
+                     f"set config.model.layers or use one of {sorted(biggan_lib.PUBLISHED_LAYERS)}")
+  gan = BigGANConfig(output_dim=model.output_dim, channel_width=model.channel_width,
+                     layers=tuple((bool(u), int(i), int(o)) for u, i, o in layers),
+                     attention_layer_position=model.attention_layer_position)
+  return CGNConfig(gan, model.u2net_variant)
+
+
+def random_variables(cfg: CGNConfig, seed: int) -> dict:
+  """The authors' initialisation with random instead of pretrained parts, for plumbing tests: one
+  random BigGAN (from ``seed``) copied into all four generators, and a random U2-Net (``seed + 1``)."""
+  gan = biggan_lib.init_variables(cfg.biggan, seed)
+  size = cfg.biggan.output_dim
+  mask_net = inits.host_random_variables(U2Net(cfg.u2net_variant), (jnp.zeros((1, size, size, 3)),),
+                                         np.random.default_rng(seed + 1))
+  return assemble(gan, mask_net)
+
+
+def load(checkpoint: str, cache_dir: str | None = None,
+         dtype: Any = jnp.float32) -> tuple[ImagenetCGN, dict]:
+  """The whole CGN from a converted dir, a training job's export or the authors' ``cgn.pth``
+  (converted once into ``cache_dir``; ``None`` is ``loading.default_cache_dir()``).
+
+  Returns:
+    ``(module, variables)``; ``module.config`` is the stored architecture.
+  """
+  variables, meta = loading.load_converted(checkpoint, "imagenet_cgn", cache_dir)
+  return ImagenetCGN(CGNConfig.from_dict(meta["model_config"]), dtype=dtype), variables
+
+
+def load_fixed_noise(path: str, z_dim: int) -> np.ndarray:
+  """The authors' sheet noise ``u_fixed`` [1, z_dim] (already truncated) from .npy or their .pth.
+
+  Their ``u_fixed.pth`` is one pickled tensor, not a state dict, so the converters' reader does not
+  apply; torch is imported only for that format (``np.save`` it once to drop the dependency).
+  """
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f"fixed noise '{path}' not found; point --config.u_fixed at "
+                            f"u_fixed.npy/.pth (shipped in the authors' imagenet/data/)")
+  if path.endswith(".npy"):
+    u = np.load(path)
+  else:
+    u = _load_torch_tensor(path)
+  u = np.asarray(u, np.float32).reshape(-1, u.shape[-1])
+  if u.shape[-1] != z_dim:
+    raise ValueError(f"fixed noise '{path}' has dimension {u.shape[-1]}, the model expects {z_dim}")
+  return u[:1]
+
+
+def _load_torch_tensor(path: str) -> np.ndarray:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch (pip install 'cgn_jax[convert]'), or save it "
+                      f"once as .npy and point --config.u_fixed there") from e
+  return torch.load(path, map_location="cpu", weights_only=True).detach().numpy()

@@ -7,14 +7,17 @@ converter's mapping reads like the checkpoint (``f_text1.3`` -> ``f_text1/conv1`
 
 from __future__ import annotations
 
+import os
 from functools import partial
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cgn_jax import checkpoints
 from cgn_jax.models import init as inits
+from cgn_jax.models import loading
 from cgn_jax.models.layers import (TorchBatchNorm, avg_pool_floor, instance_norm, leaky_relu,
                                    upsample2_conv3x3)
 
@@ -221,3 +224,44 @@ def init_variables(model: nn.Module, key: Array, batch: int = 2, img_sz: int = 3
   if isinstance(model, MnistCGN):
     return model.init(key, ys, key, train=False)
   return model.init(key, jnp.zeros((batch, img_sz, img_sz, 3)), ys, train=False)
+
+
+MODULES: dict[str, type[nn.Module]] = {"mnist_cgn": MnistCGN, "disc_lin": DiscLin,
+                                       "disc_conv": DiscConv}
+
+
+def load(checkpoint: str, cache_dir: str | None = None, family: str | None = None,
+         **module_kwargs: Any) -> tuple[nn.Module, Any]:
+  """A generator or discriminator of this file and its variables, from a converted dir or the
+  authors' ``.pth`` (converted once into ``cache_dir``, see ``loading.converted_dir``).
+
+  Args:
+    checkpoint: the directory or the ``.pth``.
+    cache_dir: where a ``.pth`` is converted to; ``None`` is ``loading.default_cache_dir()``.
+    family: ``mnist_cgn``, ``disc_lin`` or ``disc_conv``. A directory knows its own (``None``: take
+      it; given: it must match); a ``.pth`` does not (``None`` means ``mnist_cgn``).
+    **module_kwargs: extra module fields, e.g. ``subpixel=True`` for fast generation.
+
+  Returns:
+    ``(module, variables)``, the module built from the stored ``model_config``.
+  """
+  if family is None:
+    is_converted = os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE))
+    stored = checkpoints.load_meta(checkpoint).get("family") if is_converted else None
+    # A foreign stored family falls through to load_converted, whose error names it.
+    family = stored if stored in MODULES else "mnist_cgn"
+  if family not in MODULES:
+    raise ValueError(f"family '{family}' is not in cgn_jax.models.mnist_cgn; use one of "
+                     f"{', '.join(MODULES)}")
+  variables, meta = loading.load_converted(checkpoint, family, cache_dir)
+  return MODULES[family](**meta["model_config"], **module_kwargs), variables
+
+
+def load_or_init(checkpoint: str, cache_dir: str | None, seed: int = 0,
+                 fields: Mapping[str, Any] | None = None) -> tuple[MnistCGN, Any]:
+  """``load(checkpoint)`` of a generator, or when ``checkpoint`` is empty a random
+  ``MnistCGN(**fields)`` from ``seed``: the jobs' plumbing runs need no weights."""
+  if checkpoint:
+    return load(checkpoint, cache_dir, family="mnist_cgn")
+  model = MnistCGN(**(fields or {}))
+  return model, init_variables(model, jax.random.key(seed))

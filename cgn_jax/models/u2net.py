@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cgn_jax.models import loading
 from cgn_jax.models.layers import TorchBatchNorm, max_pool_torch
 
 Array = jax.Array
@@ -195,13 +196,18 @@ def U2NETP(**kwargs) -> U2Net:  # pylint: disable=invalid-name
   return U2Net(variant="u2netp", **kwargs)
 
 
-def load(path: str, dtype: Any = jnp.float32) -> tuple[U2Net, Any]:
-  """Restores a converted ``u2net`` checkpoint (``python -m converters u2net ...``).
+def load(checkpoint: str, cache_dir: str | None = None,
+         **module_kwargs: Any) -> tuple[U2Net, Any]:
+  """U2NET or U2NETP from a converted dir or the authors' ``u2net.pth``/``u2netp.pth`` (converted
+  once into ``cache_dir``; ``None`` is ``loading.default_cache_dir()``).
+
+  Args:
+    checkpoint: the directory or the ``.pth``.
+    cache_dir: where a ``.pth`` is converted to.
+    **module_kwargs: ``U2Net`` fields other than the stored variant, e.g. ``dtype``.
 
   Returns:
     The module (built from the stored model_config) and its variables.
   """
-  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  meta = checkpoints.load_meta(path)
-  variables = checkpoints.load_variables(path, family="u2net")
-  return U2Net(**meta["model_config"], dtype=dtype), variables
+  variables, meta = loading.load_converted(checkpoint, "u2net", cache_dir)
+  return U2Net(**meta["model_config"], **module_kwargs), variables

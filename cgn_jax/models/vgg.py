@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from cgn_jax.models import loading
 from cgn_jax.models.layers import max_pool_torch
 
 Array = jax.Array
@@ -112,39 +113,36 @@ def init_variables(key: Array) -> Any:
   return {"params": params}
 
 
-def load(path: str, dtype: Any = jnp.float32, precision: Any = None) -> tuple[VGG16Features, Any]:
-  """Restores a checkpoint written by ``python -m converters vgg16 SRC.pth DST``.
+def load(checkpoint: str, cache_dir: str | None = None,
+         **module_kwargs: Any) -> tuple[VGG16Features, Any]:
+  """VGG16 features from a converted dir or torchvision's ``vgg16-397923af.pth`` (converted once
+  into ``cache_dir``, see ``loading.converted_dir``).
+
+  Args:
+    checkpoint: the directory or the ``.pth``.
+    cache_dir: where a ``.pth`` is converted to; ``None`` is ``loading.default_cache_dir()``.
+    **module_kwargs: ``VGG16Features`` fields such as ``dtype`` and ``precision``.
 
   Returns:
     ``(module, variables)``; use ``features_fn(variables, module)`` for the losses.
   """
-  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  meta = checkpoints.load_meta(path)
-  variables = checkpoints.load_variables(path, family=FAMILY)
-  module = VGG16Features(**meta.get("model_config", {}), dtype=dtype, precision=precision)
-  return module, variables
+  variables, meta = loading.load_converted(checkpoint, FAMILY, cache_dir)
+  return VGG16Features(**meta.get("model_config", {}), **module_kwargs), variables
 
 
-def load_or_init(path: str | None, key: Array, dtype: Any = jnp.float32,
-                 precision: Any = None) -> tuple[VGG16Features, Any]:
-  """``load(path)`` when a path is given; otherwise random weights with a loud warning.
+def load_features_fn(checkpoint: str, cache_dir: str | None, key: Array,
+                     dtype: Any = jnp.float32) -> FeaturesFn:
+  """The perceptual losses' feature function from :func:`load`; random weights (from ``key``)
+  with a loud warning when ``checkpoint`` is empty.
 
   With random weights the perceptual and texture losses still run but compare random features,
   which is not what the authors trained with (they use ImageNet-pretrained VGG16).
   """
-  if path:
-    return load(path, dtype=dtype, precision=precision)
+  if checkpoint:
+    module, variables = load(checkpoint, cache_dir, dtype=dtype)
+    return features_fn(variables, module)
   logging.warning(
       "No VGG16 checkpoint configured: the perceptual/texture losses use RANDOM VGG16 features. "
       "Convert torchvision's vgg16 weights with `python -m converters vgg16 vgg16-397923af.pth DIR` "
       "and set the config's VGG path to DIR.")
-  return VGG16Features(dtype=dtype, precision=precision), init_variables(key)
-
-
-def load_features_fn(checkpoint: str, cache_dir: str, key: Array, dtype: Any = jnp.float32) -> FeaturesFn:
-  """The perceptual losses' feature function from a converted dir or a torchvision ``.pth``
-  (converted once into ``cache_dir``); random weights with a warning when ``checkpoint`` is empty."""
-  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  path = checkpoints.converted_path(checkpoint, FAMILY, cache_dir) if checkpoint else None
-  module, variables = load_or_init(path, key, dtype=dtype)
-  return features_fn(variables, module)
+  return features_fn(init_variables(key), VGG16Features(dtype=dtype))

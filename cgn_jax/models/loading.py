@@ -1,0 +1,87 @@
+"""The one way a model family's loader finds its variables: a converted dir or the authors' file.
+
+Users hold the authors' ``.pth``/``.bin`` files; jobs want Orbax pytrees. Every family's ``load``
+accepts either, so the conversion happens once, here, into ``<cache_dir>/<family>_<file stem>``,
+and later runs restore that directory without torch. The converters are imported only when a file
+must actually be converted: restoring never needs them (nor torch), and ``cgn_jax.checkpoints``
+stays pure Orbax storage.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cgn_jax import checkpoints
+
+CACHE_ENV = "CGN_CACHE"
+
+
+def default_cache_dir() -> str:
+  """``$CGN_CACHE``, else ``~/.cache/cgn_jax/converted``: shared by every run of this user."""
+  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cgn_jax",
+                                                   "converted")
+
+
+def converted_dir(checkpoint: str, family: str, cache_dir: str | None = None) -> str:
+  """The converted Orbax directory of ``checkpoint``, converting an authors' file on first use.
+
+  Args:
+    checkpoint: a directory written by ``python -m converters FAMILY SRC DST`` (or exported by a
+      training job), or an authors' ``.pth``/``.bin`` file.
+    family: the converter family (``converters.registry.FAMILIES``) used for a file.
+    cache_dir: where a file is converted to; ``None`` means :func:`default_cache_dir`.
+
+  Returns:
+    ``checkpoint`` itself for a directory, else ``<cache_dir>/<family>_<file stem>``.
+  """
+  if os.path.isdir(checkpoint):
+    if not os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE)):
+      # e.g. the published biggan-deep-256/ folder, which holds the .bin to convert.
+      raise checkpoints.CheckpointError(
+          f"{checkpoint} is a directory but not a converted checkpoint; pass the .pth/.bin inside "
+          f"it, or convert it with `python -m converters {family} SRC DST` and pass DST")
+    return checkpoint
+  if not os.path.isfile(checkpoint):
+    raise checkpoints.CheckpointError(
+        f"checkpoint {checkpoint} not found; give a .pth of the authors or a directory made by "
+        f"`python -m converters {family} SRC.pth DST`")
+  cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+  stem = os.path.splitext(os.path.basename(checkpoint))[0]
+  dst = os.path.join(cache_dir, f"{family}_{stem}")
+  if os.path.isdir(dst):
+    _check_same_source(dst, checkpoint)
+  else:
+    _convert(family, checkpoint, dst)
+  return dst
+
+
+def load_converted(checkpoint: str, family: str,
+                   cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+  """``(variables, meta)`` of ``checkpoint`` (see :func:`converted_dir`), as numpy arrays.
+
+  ``meta["model_config"]`` holds the constructor arguments read off the tensor shapes.
+  """
+  path = converted_dir(checkpoint, family, cache_dir)
+  return checkpoints.load_variables(path, family=family), checkpoints.load_meta(path)
+
+
+def _convert(family: str, src: str, dst: str) -> None:
+  from converters import registry  # pylint: disable=import-outside-toplevel
+  try:
+    registry.convert_file(family, os.path.realpath(src), dst)
+  except OSError:
+    # Another process (a second host on a shared disk) may have finished the same conversion
+    # first; its atomic rename makes a complete directory, so use it.
+    if not os.path.isfile(os.path.join(dst, checkpoints.META_FILE)):
+      raise
+
+
+def _check_same_source(dst: str, src: str) -> None:
+  """Two files with one name (``cgn.pth`` of two runs) would share a cache entry: refuse that."""
+  stored = checkpoints.load_meta(dst).get("source")
+  # Conversions before the source was stored as an absolute path cannot be compared.
+  if stored and os.path.isabs(stored) and os.path.realpath(src) != stored:
+    raise checkpoints.CheckpointError(
+        f"{dst} holds the conversion of {stored}, not of {os.path.realpath(src)}; delete it or "
+        f"pass another cache_dir")

@@ -1,0 +1,52 @@
+"""Defaults shared by every config: where the data lives and the training loop's settings.
+
+``DATA_DIR`` is absolute, so a config works from any current directory: ``$CGN_DATA`` when set,
+otherwise the ``shared/data`` folder beside the checkout (``<checkout>/../shared/data``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.abspath(os.environ.get("CGN_DATA") or
+                           os.path.join(_CHECKOUT, "..", "shared", "data"))
+
+
+def data_path(*parts: str) -> str:
+  """A path under ``DATA_DIR``."""
+  return os.path.join(DATA_DIR, *parts)
+
+
+def loop_config(every_steps: int, checkpoint_every: int, sample_every: int = 0,
+                keep_checkpoints: int = 2) -> ml_collections.ConfigDict:
+  """``config.log``: the fields ``cgn_jax.training`` reads (intervals in steps; 0 = never)."""
+  log = ml_collections.ConfigDict()
+  log.every_steps = every_steps            # metrics row (means since the last row) + progress text
+  log.checkpoint_every = checkpoint_every  # the last step is always saved
+  log.keep_checkpoints = keep_checkpoints  # older ones rotate out; non-finite states never go in
+  log.sample_every = sample_every          # sample sheet (PNG) interval, on process 0
+  log.tensorboard = True                   # used only if the tensorboard extra is installed
+  log.progress_bar = True
+  # Stop at the first non-finite loss or parameter, naming it; False only to debug a divergence.
+  log.check_finite = True
+  return log
+
+
+def tiny_log(log: ml_collections.ConfigDict) -> None:
+  """The ``:tiny`` variants' quiet logging (tests run many of them)."""
+  log.progress_bar = False
+  log.tensorboard = False
+
+
+def apply_overrides(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """``apply_overrides(c, **{"train.lr": 1e-3})``: dotted-path overrides on a locked config."""
+  with config.unlocked():
+    for dotted, value in overrides.items():
+      node, *path = config, *dotted.split(".")
+      for part in path[:-1]:
+        node = node[part]
+      node[path[-1]] = value
+  return config

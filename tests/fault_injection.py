@@ -1,0 +1,52 @@
+"""``python tests/fault_injection.py FAULT STEP -- <cgn_jax.main flags>``: the real CLI, with one
+real signal sent to itself at a chosen point, so crash tests hit the same instant every time.
+
+FAULT is one of
+  kill_after_row   SIGKILL right after the metrics row of STEP is written (between checkpoints);
+  kill_in_save     SIGKILL right after the (asynchronous) save of STEP has started, while its files
+                   are being written;
+  term_after_row   SIGTERM after the row of STEP (the loop must save and exit non-zero);
+  term_in_save     SIGTERM while the save of STEP is being started (a saving process must not
+                   ignore it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def install(fault: str, at: int) -> None:
+  from cgn_jax import checkpoints, writers  # pylint: disable=import-outside-toplevel
+  sig = signal.SIGKILL if fault.startswith("kill") else signal.SIGTERM
+  if fault.endswith("after_row"):
+    original = writers.MetricWriter.write_scalars
+
+    def write_scalars(self, step, scalars):
+      original(self, step, scalars)
+      if step == at:
+        os.kill(os.getpid(), sig)
+    writers.MetricWriter.write_scalars = write_scalars
+  elif fault.endswith("in_save"):
+    original_save = checkpoints.TrainCheckpointer.save
+
+    def save(self, step, tree, record):
+      if step == at and sig == signal.SIGTERM:
+        os.kill(os.getpid(), sig)
+      original_save(self, step, tree, record)
+      if step == at and sig == signal.SIGKILL:
+        os.kill(os.getpid(), sig)
+    checkpoints.TrainCheckpointer.save = save
+  else:
+    raise SystemExit(f"unknown fault {fault}")
+
+
+if __name__ == "__main__":
+  fault, at, sep, *rest = sys.argv[1:]
+  assert sep == "--", sys.argv
+  install(fault, int(at))
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from cgn_jax import main  # pylint: disable=import-outside-toplevel
+  sys.argv = [sys.argv[0]] + rest
+  app.run(main.main)
