@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import time_interleaved  # noqa: E402  (scripts/ is on sys.path)
+from configs.common import DATA_DIR
 
 
 def load_authors_cgn(repo: str) -> type:
@@ -53,7 +54,7 @@ def load_authors_cgn(repo: str) -> type:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--authors-repo", default=None, help="checkout of the authors' code (PyTorch reference)")
-  p.add_argument("--checkpoint", default=os.path.join(os.environ.get("CGN_DATA", "../shared/data"),
+  p.add_argument("--checkpoint", default=os.path.join(DATA_DIR,
                                                       "pretrained", "mnist_cgn", "double_colored_MNIST.pth"))
   p.add_argument("--batch", type=int, default=100, help="masks per batch (generate_cf_dataset: 100)")
   p.add_argument("--no_cfs", type=int, default=10)

@@ -18,6 +18,7 @@ import time
 
 from configs import mnist_classifier, mnist_generate
 from cgn_jax.jobs import generate_mnist, train_classifier
+from configs.common import DATA_DIR
 
 VARIANTS = ("colored_MNIST", "double_colored_MNIST", "wildlife_MNIST")
 PAPER = {"colored_MNIST": 95.1, "double_colored_MNIST": 89.0, "wildlife_MNIST": 85.7}
@@ -39,7 +40,7 @@ def table(rows: dict, args) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data_dir", default=os.environ.get("CGN_DATA", "../shared/data"))
+  p.add_argument("--data_dir", default=DATA_DIR)
   p.add_argument("--workdir", default="runs/mnist_table")
   p.add_argument("--dataset_size", type=int, default=100000)
   p.add_argument("--no_cfs", type=int, default=10)

@@ -59,27 +59,27 @@ def initial_variables(config: ml_collections.ConfigDict, cfg: CGNConfig, workdir
       raise checkpoints.CheckpointError(f"config.cgn_checkpoint holds a different architecture "
                                         f"({model.config}); set config.model to match it")
     return variables
-  if not config.allow_random_init and not config.biggan_checkpoint:
-    raise _missing("BigGAN-deep-256", "biggan_checkpoint", "biggan", "biggan-deep-256/pytorch_model.bin")
-  if not config.allow_random_init and not config.u2net_checkpoint:
-    raise _missing("U2-Net", "u2net_checkpoint", "u2net", "u2net.pth")
-  random = imagenet_cgn.random_variables(cfg, config.seed) if config.allow_random_init else None
-  if config.biggan_checkpoint:
-    gan_model, gan = biggan_lib.load(config.biggan_checkpoint, cache)
-    if gan_model.config != cfg.biggan:
-      raise checkpoints.CheckpointError(f"config.biggan_checkpoint is a different BigGAN "
-                                        f"({gan_model.config}); set config.model to match it")
-  else:
-    logging.warning("random BigGAN weights (config.allow_random_init)")
-    gan = {col: random[col]["biggan_GT"] for col in ("params", "batch_stats")}
-  if config.u2net_checkpoint:
-    mask_model, mask_net = u2net_lib.load(config.u2net_checkpoint, cache)
-    if mask_model.variant != cfg.u2net_variant:
-      raise checkpoints.CheckpointError(f"config.u2net_checkpoint is a {mask_model.variant}; set "
-                                        f"--config.model.u2net_variant accordingly")
-  else:
-    logging.warning("random U2-Net weights (config.allow_random_init)")
-    mask_net = {col: random[col]["u2net"] for col in ("params", "batch_stats")}
+  # (what, config field, loader, its random part, mismatch message or "", how to convert it)
+  parts = (("BigGAN-deep-256", "biggan_checkpoint", biggan_lib.load, "biggan_GT",
+            lambda m: "" if m.config == cfg.biggan else f"a different BigGAN ({m.config}); set "
+            "config.model to match it", ("biggan", "biggan-deep-256/pytorch_model.bin")),
+           ("U2-Net", "u2net_checkpoint", u2net_lib.load, "u2net",
+            lambda m: "" if m.variant == cfg.u2net_variant else f"a {m.variant}; set "
+            "--config.model.u2net_variant accordingly", ("u2net", "u2net.pth")))
+  loaded, random = [], None
+  for what, field, load, part, mismatch, (family, example) in parts:
+    if config[field]:
+      module, variables = load(config[field], cache)
+      if mismatch(module):
+        raise checkpoints.CheckpointError(f"config.{field} is {mismatch(module)}")
+    elif config.allow_random_init:
+      logging.warning("random %s weights (config.allow_random_init)", what)
+      random = random or imagenet_cgn.random_variables(cfg, config.seed)
+      variables = {col: random[col][part] for col in ("params", "batch_stats")}
+    else:
+      raise _missing(what, field, family, example)
+    loaded.append(variables)
+  gan, mask_net = loaded
   return imagenet_cgn.assemble(gan, mask_net)
 
 
