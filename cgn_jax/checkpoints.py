@@ -98,8 +98,9 @@ class TrainCheckpointer:
     self.directory = os.path.join(self.workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("tree", "record"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"tree": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -112,6 +113,7 @@ class TrainCheckpointer:
     a restored tree by returning a reason (e.g. non-finite values).
     """
     for step in reversed(self.steps()):
+      self._check_structure(step, abstract_tree)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             tree=ocp.args.StandardRestore(abstract_tree), record=ocp.args.JsonRestore()))
@@ -125,6 +127,19 @@ class TrainCheckpointer:
       warn(f"warning: checkpoint {step} in {self.directory} is damaged ({problem}); "
            f"moved it to {self.directory}_damaged/ and trying the one before")
     return None
+
+  def _check_structure(self, step: int, abstract_tree: Any) -> None:
+    """Another model or optimizer in the same workdir is a user error, not damage: say so."""
+    try:
+      stored = _shapes(self.manager.item_metadata(step)["tree"])
+    except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, found below
+      return
+    wanted = _shapes(abstract_tree)
+    if stored.keys() != wanted.keys() or stored != wanted:
+      diff = sorted(set(stored.items()) ^ set(wanted.items()))[0][0]
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} was written by another model or optimizer (it "
+          f"differs at {'/'.join(diff)}); resume with the config that wrote it, or use a new --workdir")
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
@@ -152,6 +167,14 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{leaf path as names: shape}; a dataclass field and a dict key of one name compare equal."""
+  def name(k):
+    return str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)))
+  return {tuple(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def read_train_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, dict[str, Any]]:

@@ -202,7 +202,7 @@ class _Loop:
   # -- setup ------------------------------------------------------------------------------------
 
   def _compile(self, state, batch, constants):
-    """The jitted step and the names of its scalars and state groups (from an abstract trace)."""
+    """Jits the whole step (the task's step, the metric merge and the finiteness flags)."""
     task, check = self.task, self.log.check_finite
     repl = parallel.replicated(self.mesh)
 
@@ -243,8 +243,8 @@ class _Loop:
 
     found = self.ckpt.restore_latest(abstract, check, warn=self._print)
     if found is None:
-      why = ("no checkpoint in " + self.ckpt.directory if not os.path.isdir(self.ckpt.directory + "_damaged")
-             else "no intact checkpoint left in " + self.ckpt.directory)
+      damaged = os.path.isdir(self.ckpt.directory + "_damaged")
+      why = f"no {'intact ' if damaged else ''}checkpoint in {self.ckpt.directory}"
       self._print(f"{self.task.name}: starting fresh ({why})")
       return jax.device_put(state, repl), jax.device_put(acc, repl), key, 0
     tree, record = found

@@ -1,9 +1,9 @@
 """Crash safety of the shared training loop, through the real CLI in real subprocesses.
 
 Each training job (MNIST CGN and classifier here; the ImageNet CGN in test_imagenet_cgn_train.py
-against its shared run; ``:tiny`` configs) is run once uninterrupted, then killed with a real signal at a fixed instant (``tests/fault_injection.py``) and
-rerun with the same command: the resumed run must end bitwise equal to the uninterrupted one (final
-checkpoint, export, metrics rows). The subprocesses share the test session's persistent compilation
+against its shared run; ``:tiny`` configs) is run once uninterrupted, then killed with a real signal
+at a fixed instant (``tests/fault_injection.py``) and rerun with the same command: the resumed run
+must end bitwise equal to the uninterrupted one (final checkpoint, export, metrics rows). The subprocesses share the test session's persistent compilation
 cache, so each step function compiles once for all of them.
 """
 
@@ -131,3 +131,15 @@ def test_classifier_sigkill_then_rerun_equals_uninterrupted(classifier, fault, a
   a = json.load(open(os.path.join(ref, "results.json")))
   b = json.load(open(os.path.join(workdir, "results.json")))
   assert b["epochs"] == a["epochs"] and len(a["epochs"]) == 3
+
+
+def test_mnist_cgn_other_model_in_the_workdir_is_one_line_not_damage(mnist_cgn):
+  """A checkpoint of another architecture is not "damaged": it stays, and the error says why."""
+  base, args, ref = mnist_cgn
+  workdir = str(base / "other_model")
+  shutil.copytree(ref, workdir)
+  run = run_cli(args + ["--workdir", workdir, "--config.model.ngf=16"])
+  assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+  errors = [l for l in run.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "another model or optimizer" in errors[0], run.stderr[-2000:]
+  assert ckpt_steps(workdir) == [6, 12]
