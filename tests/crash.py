@@ -66,3 +66,12 @@ def ckpt_steps(workdir: str) -> list[int]:
 
 def ok(proc) -> None:
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def killed_then_rerun(args: list[str], workdir: str, fault: str, at: int):
+  """Runs with ``fault`` (it must die of SIGKILL), then reruns the same command; returns the rerun."""
+  killed = run_cli(args + ["--workdir", workdir], fault, at)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  resumed = run_cli(args + ["--workdir", workdir])
+  ok(resumed)
+  return resumed

@@ -19,7 +19,18 @@ import pytest
 
 from cgn_jax import checkpoints
 
-from crash import assert_same_run, ckpt_steps, flat as _flat, metrics_rows, ok, run_cli
+from crash import (assert_same_run, ckpt_steps, flat as _flat, killed_then_rerun, metrics_rows, ok,
+                   run_cli)
+
+
+def _uninterrupted(tmp_path_factory, config: str, data_dir: str, dataset_field: str):
+  """(base dir, CLI args, reference workdir): the job run once, uninterrupted, on its own data."""
+  base = tmp_path_factory.mktemp("crash_" + os.path.basename(config).split(".")[0])
+  args = ["--config", config, f"--config.data_dir={data_dir}",
+          f"--config.{dataset_field}={base / 'data'}"]
+  ref = str(base / "reference")
+  ok(run_cli(args + ["--workdir", ref]))
+  return base, args, ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,11 +38,8 @@ from crash import assert_same_run, ckpt_steps, flat as _flat, metrics_rows, ok, 
 
 @pytest.fixture(scope="module")
 def mnist_cgn(data_dir, tmp_path_factory):
-  base = tmp_path_factory.mktemp("crash_mnist_cgn")
-  args = ["--config", "configs/mnist_double_colored.py:tiny", f"--config.data_dir={data_dir}",
-          f"--config.dataset_dir={base / 'data'}"]
-  ref = str(base / "reference")
-  ok(run_cli(args + ["--workdir", ref]))
+  base, args, ref = _uninterrupted(tmp_path_factory, "configs/mnist_double_colored.py:tiny",
+                                   data_dir, "dataset_dir")
   assert [r["step"] for r in metrics_rows(ref)] == [4, 8, 12] and ckpt_steps(ref) == [6, 12]
   return base, args, ref
 
@@ -40,10 +48,7 @@ def mnist_cgn(data_dir, tmp_path_factory):
 def test_mnist_cgn_sigkill_then_rerun_equals_uninterrupted(mnist_cgn, fault, at):
   base, args, ref = mnist_cgn
   workdir = str(base / fault)
-  killed = run_cli(args + ["--workdir", workdir], fault, at)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  resumed = run_cli(args + ["--workdir", workdir])
-  ok(resumed)
+  resumed = killed_then_rerun(args, workdir, fault, at)
   assert "resuming from step" in resumed.stdout or fault == "kill_in_save", resumed.stdout
   assert_same_run(ref, workdir, export="generator")
 
@@ -108,11 +113,8 @@ def test_mnist_cgn_damaged_newest_checkpoint_falls_back(mnist_cgn):
 
 @pytest.fixture(scope="module")
 def classifier(data_dir, tmp_path_factory):
-  base = tmp_path_factory.mktemp("crash_classifier")
-  args = ["--config", "configs/mnist_classifier.py:tiny", f"--config.data_dir={data_dir}",
-          f"--config.real_dataset_dir={base / 'data'}"]
-  ref = str(base / "reference")
-  ok(run_cli(args + ["--workdir", ref]))
+  base, args, ref = _uninterrupted(tmp_path_factory, "configs/mnist_classifier.py:tiny", data_dir,
+                                   "real_dataset_dir")
   assert ckpt_steps(ref) == [32, 48]  # keep_checkpoints 2 of the 3 epoch checkpoints
   return base, args, ref
 
