@@ -94,8 +94,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
@@ -135,7 +134,7 @@ class TrainCheckpointer:
     except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, found below
       return
     wanted = _shapes(abstract_tree)
-    if stored.keys() != wanted.keys() or stored != wanted:
+    if stored != wanted:
       diff = sorted(set(stored.items()) ^ set(wanted.items()))[0][0]
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} was written by another model or optimizer (it "
@@ -161,19 +160,19 @@ class TrainCheckpointer:
     self.manager.save(step, args=ocp.args.Composite(
         tree=ocp.args.StandardSave(tree), record=ocp.args.JsonSave({**record, "step": int(step)})))
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
 
 
+def key_name(k: Any) -> str:
+  """A pytree path entry as its bare name: a dataclass field and a dict key of one name agree."""
+  return str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k))
+
+
 def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{leaf path as names: shape}; a dataclass field and a dict key of one name compare equal."""
-  def name(k):
-    return str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)))
-  return {tuple(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+  """{leaf path as names: shape}."""
+  return {tuple(key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -58,14 +58,8 @@ def shard_batch(global_batch: Any, mesh: Mesh) -> Any:
   Every host holds the same global batch description (same seed, same permutation) but copies only
   its own rows to its devices.
   """
-  sharding = batch_sharding(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    local = x[host_rows(x.shape[0])]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
-
-  return jax.tree_util.tree_map(put, global_batch)
+  local = jax.tree_util.tree_map(lambda x: np.asarray(x)[host_rows(np.shape(x)[0])], global_batch)
+  return from_host_rows(local, mesh)
 
 
 def from_host_rows(local_batch: Any, mesh: Mesh) -> Any:

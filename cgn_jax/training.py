@@ -147,16 +147,9 @@ def _state_groups(state: Any) -> tuple[list[str], list[list[Any]]]:
   """The state's leaves grouped by top-level field (``g_params``, ``opt``...), for naming."""
   groups: dict[str, list[Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    name = _key_name(path[0]) if path else "state"
+    name = checkpoints.key_name(path[0]) if path else "state"
     groups.setdefault(name, []).append(leaf)
   return list(groups), list(groups.values())
-
-
-def _key_name(k: Any) -> str:
-  for attr in ("name", "key", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _all_finite(leaves: Sequence[Any]) -> jax.Array:
@@ -201,7 +194,7 @@ class _Loop:
 
   # -- setup ------------------------------------------------------------------------------------
 
-  def _compile(self, state, batch, constants):
+  def _compile(self, state, constants):
     """Jits the whole step (the task's step, the metric merge and the finiteness flags)."""
     task, check = self.task, self.log.check_finite
     repl = parallel.replicated(self.mesh)
@@ -224,9 +217,13 @@ class _Loop:
     def names_of(state, batch, key, constants):
       return task.step_fn(state, batch, key, constants)[1]
 
-    self.names = sorted(task.metrics or jax.eval_shape(names_of, state, batch, task.key, constants))
+    if task.metrics:
+      self.names = sorted(task.metrics)
+    else:  # an abstract trace on batch 0 finds the names
+      batch = parallel.from_host_rows(task.batches.batch(0), self.mesh) if task.batches else None
+      self.names = sorted(jax.eval_shape(names_of, state, batch, task.key, constants))
     self.groups = _state_groups(state)[0]
-    batch_spec = parallel.batch_sharding(self.mesh) if batch is not None else repl
+    batch_spec = parallel.batch_sharding(self.mesh) if task.batches else repl
     self.step = jax.jit(step, in_shardings=(repl, repl, batch_spec, repl, repl),
                         out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
 
@@ -237,7 +234,9 @@ class _Loop:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=repl), tree)
 
     def check(restored):
-      if self.log.check_finite and not bool(_all_finite(jax.tree.leaves(restored["state"]))):
+      # One compiled reduction: op by op, thousands of leaves cost seconds at every start.
+      finite = jax.jit(lambda t: _all_finite(jax.tree.leaves(t)))(restored["state"])
+      if self.log.check_finite and not bool(finite):
         return "non-finite values"
       return ""
 
@@ -268,9 +267,9 @@ class _Loop:
     bad = np.asarray(bad)
     if not bad.any():
       return
-    labels = self.names + self.groups
-    losses = [n for n, b in zip(labels[:len(self.names)], bad[:len(self.names)]) if b]
-    parts = [n for n, b in zip(labels[len(self.names):], bad[len(self.names):]) if b]
+    n = len(self.names)
+    losses = [name for name, b in zip(self.names, bad[:n]) if b]
+    parts = [name for name, b in zip(self.groups, bad[n:]) if b]
     what = "; ".join(filter(None, [f"loss {', '.join(losses)}" if losses else "",
                                    f"state {', '.join(parts)}" if parts else ""]))
     kept = (f"the last good checkpoint is step {self.last_saved} in {self.ckpt.directory}"
@@ -288,9 +287,7 @@ class _Loop:
 
   def run(self):
     task, log = self.task, self.log
-    first_batch = task.batches.batch(0) if task.batches else None
-    batch0 = (parallel.from_host_rows(first_batch, self.mesh) if first_batch is not None else None)
-    self._compile(task.state, batch0, task.constants)
+    self._compile(task.state, task.constants)
     state, acc, key, start = self._restore(task.state, _zero_averages(self.names), task.key)
     if self.is_main and task.on_resume:
       task.on_resume(start)

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from cgn_jax.data.imagenet_cfs import atomic_write
+
 
 class MetricWriter:
   """Appends ``{"step": s, **scalars}`` to ``workdir/metrics.jsonl`` (+ TensorBoard if available)."""
@@ -50,11 +52,8 @@ class MetricWriter:
     """Keeps the rows up to ``step`` (a resumed run logs the later steps again)."""
     if not self.active or not os.path.exists(self.path):
       return
-    keep = [json.dumps(r) + "\n" for r in _read_rows(self.path) if r.get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    keep = "".join(json.dumps(r) + "\n" for r in _read_rows(self.path) if r.get("step", 0) <= step)
+    atomic_write(self.path, lambda f: f.write(keep.encode()))
 
   def flush(self) -> None:
     if self._tb is not None:

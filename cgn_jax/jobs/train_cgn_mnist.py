@@ -151,8 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def sheet(state: TrainState, step: int) -> None:
       variables = {"params": state.g_params, "batch_stats": state.g_stats}
       mnist_cgn_sheet(cgn, variables, jax.random.key(config.seed),
-                   os.path.join(workdir, "samples", f"step_{step:07d}.png"), n_per_class=3,
-                   n_classes=config.model.n_classes, train=True)
+                      os.path.join(workdir, "samples", f"step_{step:07d}.png"), n_per_class=3,
+                      n_classes=config.model.n_classes, train=True)
 
     return training.Task(
         name=f"cgn {config.dataset}",

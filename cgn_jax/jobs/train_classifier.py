@@ -21,6 +21,7 @@ import optax
 
 from cgn_jax import parallel, training
 from cgn_jax.data import batches, storage
+from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.models.classifiers import MnistCNN
 
 RESULTS = "results.json"
@@ -51,7 +52,7 @@ def load_data(config, workdir: str):
 
 
 def make_steps(model: MnistCNN, tx):
-  """``train_step(state, batch, key, constants) -> (state, {loss, accuracy})`` and
+  """``train_step(state, batch, key, constants) -> (state, {train_loss, train_acc})`` and
   ``eval_step(state, images, labels, valid) -> correct count``."""
 
   def train_step(state, batch, key, constants=None):
@@ -78,10 +79,8 @@ def make_steps(model: MnistCNN, tx):
 
 
 def _write_results(workdir: str, results: dict) -> None:
-  tmp = os.path.join(workdir, RESULTS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, RESULTS))
+  text = json.dumps(results, indent=1)
+  atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
