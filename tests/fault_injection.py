@@ -2,7 +2,8 @@
 real signal sent to itself at a chosen point, so crash tests hit the same instant every time.
 
 FAULT is one of
-  kill_after_row   SIGKILL right after the metrics row of STEP is written (between checkpoints);
+  kill_after_row   SIGKILL right after the metrics row of STEP is written (between checkpoints:
+                   earlier saves are waited for);
   kill_in_save     SIGKILL right after the (asynchronous) save of STEP has started, while its files
                    are being written;
   term_after_row   SIGTERM after the row of STEP (the loop must save and exit non-zero);
@@ -21,6 +22,14 @@ def install(fault: str, at: int) -> None:
   from cgn_jax import checkpoints, writers  # pylint: disable=import-outside-toplevel
   sig = signal.SIGKILL if fault.startswith("kill") else signal.SIGTERM
   if fault.endswith("after_row"):
+    # "Between checkpoints" means the earlier saves are complete: make them synchronous here, so a
+    # slow asynchronous write on a loaded machine cannot still be in flight at the kill.
+    original_save = checkpoints.TrainCheckpointer.save
+
+    def save_and_wait(self, step, tree, record):
+      original_save(self, step, tree, record)
+      self.manager.wait_until_finished()
+    checkpoints.TrainCheckpointer.save = save_and_wait
     original = writers.MetricWriter.write_scalars
 
     def write_scalars(self, step, scalars):
