@@ -2,8 +2,9 @@
 
 Each step is one jit-compiled function: a generator update (adversarial MSE + binary mask loss +
 VGG16 Gram/style loss [+ optional SSIM]) followed by a discriminator update on real and detached
-fake images, with the batch sharded over every device. Randomness is ``fold_in(seed, step)``, data
-order a per-epoch permutation of the seed, so a resumed run continues the same trajectory.
+fake images, with the batch sharded over every device. Randomness is ``fold_in(seed, step)``, drawn
+by ``draw_step_inputs`` alone; data order is a per-epoch permutation of the seed, so a resumed run
+continues the same trajectory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cgn_jax.data import batches
 from cgn_jax.data.sheets import mnist_cgn_sheet
 from cgn_jax.data.augment import color_jitter
 from cgn_jax.models import vgg
-from cgn_jax.models.mnist_cgn import DiscConv, DiscLin, MnistCGN
+from cgn_jax.models.mnist_cgn import DiscConv, DiscLin, MnistCGN, crop_offsets
 
 LOSS_NAMES = ("g_adv", "g_binary", "g_perc", "g_ssim", "g_total", "d_real", "d_fake", "d_total")
 
@@ -71,8 +72,30 @@ def create_train_state(config, cgn, disc, tx_g, tx_d, key) -> TrainState:
                     d_opt=tx_d.init(d_vars["params"]))
 
 
-def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn):
-  """Returns ``train_step(state, batch, key, constants) -> (state, losses)`` (not yet jitted)."""
+def draw_step_inputs(key: jax.Array, batch: dict, config: ml_collections.ConfigDict) -> dict:
+  """Every random draw of one training step, in one place.
+
+  The authors' ``fit()`` draws ``y_gen`` and, inside ``cgn(y_gen)``, the noise ``u`` and the
+  foreground and background crop offsets; the rest are keys for dropout (DiscLin) and the [Re]
+  colour jitter. The step consumes only this dict, so the parity test can replay torch's recorded
+  draws through the job's own step.
+  """
+  k_y, k_g, k_d0, k_d1, k_d2, k_aug = jax.random.split(key, 6)
+  m = config.model
+  n = batch["label"].shape[0]
+  ks = jax.random.split(k_g, 7)  # the split MnistCGN.__call__ makes, so sampling and training agree
+  return {"y_gen": jax.random.randint(k_y, (n,), 0, m.n_classes),
+          "u": jax.random.normal(ks[0], (n, m.latent_sz)),
+          "fg_offsets": crop_offsets(ks[5], n, m.img_sz, m.img_sz),
+          "bg_offsets": crop_offsets(ks[6], n, m.img_sz, m.img_sz),
+          "dropout": (k_d0, k_d1, k_d2), "jitter": k_aug}
+
+
+def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn, draw=draw_step_inputs):
+  """Returns ``train_step(state, batch, key, constants) -> (state, losses)`` (not yet jitted).
+
+  ``draw(key, batch, config)`` supplies the step's random draws (``draw_step_inputs``).
+  """
   lam = config.lambdas
   perc_w = tuple(lam.perc)
 
@@ -83,16 +106,16 @@ def make_train_step(config, cgn, disc, tx_g, tx_d, features_fn):
 
   def train_step(state: TrainState, batch: dict, base_key: jax.Array, constants=None):
     del constants
-    key = jax.random.fold_in(base_key, state.step)
-    k_y, k_g, k_d0, k_d1, k_d2, k_aug = jax.random.split(key, 6)
-    x_gt, y_gt = batch["image"], batch["label"]
+    draws = draw(jax.random.fold_in(base_key, state.step), batch, config)
+    k_d0, k_d1, k_d2 = draws["dropout"]
+    x_gt, y_gt, y_gen = batch["image"], batch["label"], draws["y_gen"]
     if config.augment.color_jitter:
-      x_gt = color_jitter(k_aug, x_gt)
-    y_gen = jax.random.randint(k_y, y_gt.shape, 0, config.model.n_classes)
+      x_gt = color_jitter(draws["jitter"], x_gt)
 
     def g_loss_fn(g_params):
-      out, g_new = cgn.apply({"params": g_params, "batch_stats": state.g_stats}, y_gen, k_g,
-                             train=True, mutable=["batch_stats"])
+      out, g_new = cgn.apply({"params": g_params, "batch_stats": state.g_stats}, y_gen, draws["u"],
+                             draws["fg_offsets"], draws["bg_offsets"], train=True,
+                             method=MnistCGN.from_draws, mutable=["batch_stats"])
       x_gen = compose(out["mask"], out["foreground"], out["background"])
       # Like torch, the generator's pass through D (train mode) also moves D's BN running stats.
       validity, d_stats = disc_apply(state.d_params, state.d_stats, x_gen, y_gen, k_d0)

@@ -79,21 +79,32 @@ def tile_2x2(x: Array) -> Array:
   return jnp.tile(x, (1, 2, 2, 1))
 
 
+def crop_offsets(key: Array, n: int, h: int, w: int) -> Array:
+  """The shuffler's random window per sample, [N, 2] (row, col), each uniform in 0..size inclusive
+  (torch's ``unfold`` of the 2x2 tiling yields size+1 windows)."""
+  return jax.random.randint(key, (n, 2), 0, jnp.array([h + 1, w + 1]))
+
+
+def crop_tiled(x: Array, offsets: Array) -> Array:
+  """Full-size crops of the 2x2 tiling of ``x`` at ``offsets`` (a random circular shift).
+
+  In torch the first ``choose_rand_patches`` call picks the row offset and the second the column
+  offset, because unfold + advanced indexing transposes H and W between the calls.
+  """
+  _, h, w, c = x.shape
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], jnp.zeros_like(o[0])), (h, w, c))
+  return jax.vmap(crop)(tile_2x2(x), offsets)
+
+
 def shuffle_crop(key: Array, x: Array) -> tuple[Array, Array]:
   """The authors' texture shuffler: tile 2x2, then a random full-size crop per sample.
-
-  Offsets are uniform in 0..size inclusive (torch's ``unfold`` yields size+1 windows), i.e. a random
-  circular shift. In torch the first ``choose_rand_patches`` call picks the row offset and the second
-  the column offset because unfold + advanced indexing transposes H and W between the calls.
 
   Returns:
     The cropped batch and the offsets [N, 2] (row, col).
   """
   n, h, w, _ = x.shape
-  offsets = jax.random.randint(key, (n, 2), 0, jnp.array([h + 1, w + 1]))
-  tiled = tile_2x2(x)
-  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-  return jax.vmap(crop)(tiled, offsets), offsets
+  offsets = crop_offsets(key, n, h, w)
+  return crop_tiled(x, offsets), offsets
 
 
 class MnistCGN(nn.Module):
@@ -140,21 +151,36 @@ class MnistCGN(nn.Module):
     if counterfactual:
       y_fg = y_shape[jax.random.permutation(ks[3], n)] if y_fg is None else y_fg
       y_bg = y_shape[jax.random.permutation(ks[4], n)] if y_bg is None else y_bg
+    offsets = lambda k: crop_offsets(k, n, self.img_sz, self.img_sz)
     if y_fg is None and y_bg is None:
-      inp = self.get_inp(noise(ks[0]), y_shape)
-      inp0 = inp1 = inp2 = inp
-      y_fg = y_bg = y_shape
-    else:
-      y_fg = y_shape if y_fg is None else y_fg
-      y_bg = y_shape if y_bg is None else y_bg
-      inp0 = self.get_inp(noise(ks[0]), y_shape)
-      inp1 = self.get_inp(noise(ks[1]), y_fg)
-      inp2 = self.get_inp(noise(ks[2]), y_bg)
-    raw_mask, text1, text2 = self.mechanisms(inp0, inp1, inp2, train)
-    foreground, _ = shuffle_crop(ks[5], text1)
-    background, _ = shuffle_crop(ks[6], text2)
-    return {"mask": jnp.clip(raw_mask, MASK_MIN, MASK_MAX), "foreground": foreground,
-            "background": background, "y_shape": y_shape, "y_fg": y_fg, "y_bg": y_bg}
+      return self.from_draws(y_shape, noise(ks[0]), offsets(ks[5]), offsets(ks[6]), train)
+    y_fg = y_shape if y_fg is None else y_fg
+    y_bg = y_shape if y_bg is None else y_bg
+    inp0 = self.get_inp(noise(ks[0]), y_shape)
+    inp1 = self.get_inp(noise(ks[1]), y_fg)
+    inp2 = self.get_inp(noise(ks[2]), y_bg)
+    return self._compose_outputs(self.mechanisms(inp0, inp1, inp2, train), offsets(ks[5]),
+                                 offsets(ks[6]), y_shape, y_fg, y_bg)
+
+  def from_draws(self, ys: Array, u: Array, fg_offsets: Array, bg_offsets: Array,
+                 train: bool = False) -> dict[str, Array]:
+    """The authors' ``CGN.forward(ys)`` with its random draws given: one noise vector ``u`` [N, latent]
+    and label for all three mechanisms, and the shufflers' crop offsets [N, 2] (row, col).
+
+    Training draws through this method, so a test can replay the authors' recorded draws through the
+    very step the job runs.
+    """
+    inp = self.get_inp(u, ys)
+    return self._compose_outputs(self.mechanisms(inp, inp, inp, train), fg_offsets, bg_offsets,
+                                 ys, ys, ys)
+
+  @staticmethod
+  def _compose_outputs(raw: tuple[Array, Array, Array], fg_offsets: Array, bg_offsets: Array,
+                       y_shape: Array, y_fg: Array, y_bg: Array) -> dict[str, Array]:
+    raw_mask, text1, text2 = raw
+    return {"mask": jnp.clip(raw_mask, MASK_MIN, MASK_MAX),
+            "foreground": crop_tiled(text1, fg_offsets), "background": crop_tiled(text2, bg_offsets),
+            "y_shape": y_shape, "y_fg": y_fg, "y_bg": y_bg}
 
 
   def sample_mask(self, ys: Array, key: Array, train: bool = False) -> Array:
