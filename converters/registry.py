@@ -24,6 +24,8 @@ FAMILIES: dict[str, str] = {
     "biggan": "converters.biggan:convert_biggan",
     "u2net": "converters.u2net:convert_u2net",
     "imagenet_cgn": "converters.imagenet_cgn:convert_imagenet_cgn",
+    "resnet50": "converters.resnet:convert_resnet50",
+    "invariant_ensemble": "converters.resnet:convert_invariant_ensemble",
 }
 
 

@@ -139,6 +139,17 @@ TOLERANCES: dict[str, Tol] = {
     # ---- U2NETP (README: <= 6e-8 for every stored map, |x| <= 1): the README's 1e-5 / rtol 1e-5.
     "u2netp/map": Tol(1e-5, rtol=1e-5, noise=6e-8),
 
+    # ---- ResNet / InvariantEnsemble (README: invariant ensemble <= 4e-7). Backbone features reach
+    # |x| ~ 4, logits ~ 1: the README's 1e-5 (measured <= 1.1e-6, at the backbone output).
+    "resnet/out": Tol(1e-5, noise=4e-7),
+    # ResNet-50 / small ResNets on random weights against a torch.nn.functional forward computed
+    # in the test (no fixture; torch 1-vs-2 threads measured there: 1.2e-7 on features |x| <= 1.1
+    # and logits <= 0.9, 2.7e-7 in train mode). Measured port error <= 1.2e-6 -> 1e-5.
+    "resnet/random_weights": Tol(1e-5, noise=1.2e-7),
+    # Running mean/var after one train-mode call (variances up to ~1.5; torch 1-vs-2 threads
+    # 1.2e-7, port 1.2e-7): the README's atol 1e-5 + rtol 1e-5.
+    "resnet/bn_running": Tol(1e-5, rtol=1e-5, noise=1.2e-7),
+
     # ---- VGG16 features and perceptual losses (README: VGG losses <= 1e-8). Hooked ReLU features
     # reach |x| ~ 10: README's atol 1e-5 + rtol 1e-5. Grams are large-valued sums of products
     # (README: rtol 1e-5 for grams), with an atol of 1e-9 only for exact zeros. Loss values and
@@ -187,6 +198,10 @@ TOLERANCES: dict[str, Tol] = {
     "self/u2net_bf16_rel_l2": Tol(2e-2),
     # bf16 vs float32 U2NETP sigmoid output, max |diff|: measured 4.1e-4 -> 5e-3.
     "self/u2net_bf16_out": Tol(5e-3),
+    # bf16 vs float32 InvariantEnsemble outputs, relative L2: measured 0.6% (shape) .. 0.96%
+    # (texture) on the width-8 fixture, 0.34% on a random ResNet-50; a broken cast gives ~100%.
+    # Bound 5e-2 (5x the worst).
+    "self/resnet_bf16_rel_l2": Tol(5e-2),
 }
 
 

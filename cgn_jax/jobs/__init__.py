@@ -18,6 +18,8 @@ JOBS = {
     "mnist_pipeline": "cgn_jax.jobs.mnist_pipeline:run",
     "train_cgn_imagenet": "cgn_jax.jobs.train_cgn_imagenet:train_and_evaluate",
     "generate_imagenet": "cgn_jax.jobs.generate_imagenet:run",
+    "train_classifier_imagenet": "cgn_jax.jobs.train_classifier_imagenet:train_and_evaluate",
+    "evaluate_classifier_imagenet": "cgn_jax.jobs.evaluate_classifier_imagenet:run",
 }
 
 

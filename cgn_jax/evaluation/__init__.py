@@ -1,0 +1,1 @@
+"""Evaluation of trained models: the maths behind the paper's classifier tables."""

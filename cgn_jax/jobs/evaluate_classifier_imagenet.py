@@ -1,0 +1,92 @@
+"""The paper's classifier tables for one checkpoint: ImageNet val accuracy and cue-conflict shape
+bias per head, IN-9 accuracies and the BG-gap (configs/imagenet_classifier_eval.py).
+
+Any checkpoint serves: a training workdir of ``train_classifier_imagenet`` (its exported
+``ensemble/``, or its newest checkpoint), a converted dir, the authors' ensemble ``.pth``, or a
+torchvision ResNet (one head: the paper's ImageNet-only ResNet-50 row). The evaluation itself is
+``cgn_jax.evaluation.classifier_eval``, the same code the training job runs after every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cgn_jax import checkpoints, parallel
+from cgn_jax.data import synthetic_imagenet
+from cgn_jax.data.imagenet_cfs import atomic_write
+from cgn_jax.evaluation import classifier_eval
+from cgn_jax.models import resnet
+
+def _from_config(config) -> resnet.InvariantEnsemble:
+  m = config.model
+  return resnet.InvariantEnsemble(blocks=tuple(m.blocks), width=m.width, num_classes=m.num_classes,
+                                  dtype=jnp.dtype(m.dtype))
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, str]:
+  """``(module, variables, description)`` of ``config.checkpoint`` (see the module docstring)."""
+  path = config.checkpoint
+  dtype = jnp.dtype(config.model.dtype)
+  cache = os.path.join(workdir, "converted")
+  if not path:
+    if not config.allow_random_init:
+      raise ValueError("config.checkpoint is empty; pass --config.checkpoint=PATH (a training "
+                       "workdir, a converted dir or a .pth), or --config.allow_random_init=True "
+                       "to evaluate a random model")
+    model = _from_config(config)
+    return model, resnet.init_variables(model, jax.random.key(config.seed),
+                                        config.data.image_size), "random initialisation"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.checkpoint={path} does not exist; pass a training workdir, "
+                            f"a converted dir or a .pth")
+  if os.path.isdir(os.path.join(path, resnet.EXPORT_DIR)):
+    path = os.path.join(path, resnet.EXPORT_DIR)
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoints.META_FILE)):
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+      raise ValueError(f"{path} is neither a training workdir, nor a converted checkpoint; pass "
+                       f"one of those or a .pth")
+    tree, record = checkpoints.read_train_checkpoint(path)
+    model = _from_config(config)
+    variables = {"params": tree["state"]["params"], "batch_stats": tree["state"]["batch_stats"]}
+    return model, variables, f"{path} (training checkpoint, step {tree['state']['step']})"
+  model, variables = resnet.load(path, cache, family=config.family or None, dtype=dtype)
+  return model, variables, path
+
+
+def logits_fn(model):
+  """Every output of an ensemble; a plain ResNet's logits under the name ``logits``."""
+  if isinstance(model, resnet.InvariantEnsemble):
+    return lambda variables, images: model.apply(variables, images, train=False)
+  return lambda variables, images: {"logits": model.apply(variables, images, train=False)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates ``config.checkpoint`` on ``config.sets``; writes results.json and tables.md."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.create_mesh(config.num_devices)
+  parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  data = synthetic_imagenet.resolve(config.data, workdir, config.seed)
+  missing = [s for s, d in (("imagenet", data.imagenet_dir), ("shape_bias", data.cue_conflict_dir),
+                            ("backgrounds", data.in9_dir)) if s in config.sets and not d]
+  if missing:
+    field = {"imagenet": "imagenet_dir", "shape_bias": "cue_conflict_dir", "backgrounds": "in9_dir"}
+    raise ValueError("no data for " + ", ".join(missing) + "; pass " +
+                     " ".join(f"--config.data.{field[s]}=DIR" for s in missing))
+  model, variables, what = load_model(config, workdir)
+  variables = parallel.replicate(variables, mesh)
+  forward = classifier_eval.make_forward(logits_fn(model), mesh)
+  results = classifier_eval.evaluate(forward, variables, data, config.eval, sets=config.sets)
+  text = classifier_eval.tables(results, config.eval.model_name)
+  if jax.process_index() == 0:
+    out = {"checkpoint": what, "sets": list(config.sets), **results}
+    atomic_write(os.path.join(workdir, "results.json"),
+                 lambda f: f.write(json.dumps(out, indent=1).encode()))
+    atomic_write(os.path.join(workdir, "tables.md"), lambda f: f.write(text.encode()))
+    print(f"{what}\n\n{text}", flush=True)
+  return results
