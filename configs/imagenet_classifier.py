@@ -42,6 +42,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.cf_dir = ""               # the generation job's folder (ims/ + labels.csv); "" = baseline
   c.cue_conflict_dir = ""     # Geirhos' style-transfer stimuli (1280 images), per-epoch shape bias
   c.in9_dir = ""              # Backgrounds Challenge root (original/, mixed_same/, mixed_rand/ ...)
+  c.imagenet_a_dir = ""       # optional OOD (Re-CGN): ImageNet-A, 200 WNID folders
+  c.sketch_dir = ""           # optional OOD (Re-CGN): ImageNet-Sketch, 1000 WNID folders
   c.eval_dir = data_path("eval")  # the 16-class and IN-9 mappings
   c.image_size = 224          # RandomResizedCrop(224) / CenterCrop(224) (dataloader.py)
   c.resize = 256              # Resize(256) before the eval centre crop
@@ -61,6 +63,19 @@ def eval_config() -> ml_collections.ConfigDict:
   c.model_name = "IN+CGN"     # the tables' row name
   c.max_images = -1           # >0: the first N images of each evaluation set (quick looks)
   return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> None:
+  """The ``:tiny`` model and data of the training and evaluation configs: a width-8 [1,1,1,1]
+  ResNet on 32-px crops of synthetic folders."""
+  c.data.synthetic = True
+  c.model.blocks = (1, 1, 1, 1)
+  c.model.width = 8
+  c.data.image_size = 32
+  c.data.resize = 36
+  c.eval.batch_size = 16
+  c.eval.in9_as_is = False       # the synthetic images are not 224x224
+  tiny_log(c.log)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -98,11 +113,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.cf_ratio = 0.0
     c.eval.model_name = "IN"
   elif variant in ("tiny", "tiny_baseline"):
-    c.data.synthetic = True
-    c.model.blocks = (1, 1, 1, 1)
-    c.model.width = 8
-    c.data.image_size = 32
-    c.data.resize = 36
+    make_tiny(c)
     c.train.batch_size = 8
     c.train.epochs = 2
     c.train.steps_per_epoch = 3
@@ -110,10 +121,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.lr_decay_every = 1
     c.train.cf_ratio = 0.0 if variant == "tiny_baseline" else 1.0
     c.eval.model_name = "IN" if variant == "tiny_baseline" else "IN+CGN"
-    c.eval.batch_size = 16
-    c.eval.in9_as_is = False       # the synthetic images are not 224x224
     c.log.every_steps = 3
-    tiny_log(c.log)
   else:
     raise ValueError(f"unknown variant '{variant}'; choose '', 'baseline', 'tiny' or 'tiny_baseline'")
   c.lock()

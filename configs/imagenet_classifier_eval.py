@@ -15,14 +15,16 @@ paper's ResNet-50 baseline). Writes ``results.json`` and ``tables.md`` (ours bes
 IN+CGN shape head 54.8 / texture head 16.7 / background head 22.9 % shape bias, top-1 74.0; IN-9
 94.2, Mixed-Same 83.4, Mixed-Rand 80.1, BG-gap 3.3). ``:tiny_shape_bias`` / ``:tiny_backgrounds``
 run a random width-8 ensemble on synthetic folders in seconds (the plumbing, not the numbers).
+``:ood`` evaluates Re-CGN's ImageNet-A (argmax over its 200 classes) and ImageNet-Sketch (top-1)
+from ``data.imagenet_a_dir`` / ``data.sketch_dir``.
 """
 
 import ml_collections
 
-from configs.common import tiny_log
-from configs.imagenet_classifier import data_config, eval_config, model_config
+from configs.imagenet_classifier import data_config, eval_config, make_tiny, model_config
 
 TABLES = {"shape_bias": ("imagenet", "shape_bias"), "backgrounds": ("backgrounds",),
+          "ood": ("imagenet_a", "sketch"),  # Re-CGN's out-of-distribution sets
           "all": ("imagenet", "shape_bias", "backgrounds")}
 
 
@@ -50,13 +52,6 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   c.sets = TABLES[table]
   if tiny:
     c.allow_random_init = True
-    c.data.synthetic = True
-    c.model.blocks = (1, 1, 1, 1)
-    c.model.width = 8
-    c.data.image_size = 32
-    c.data.resize = 36
-    c.eval.batch_size = 16
-    c.eval.in9_as_is = False       # the synthetic images are not 224x224
-    tiny_log(c.log)
+    make_tiny(c)
   c.lock()
   return c

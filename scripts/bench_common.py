@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
+
+
+def pin_xla_single_thread() -> None:
+  """One intra-op thread for XLA's CPU backend; call before jax is imported (flags are read once)."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 
 def time_interleaved(fns: dict, reps: int) -> dict:

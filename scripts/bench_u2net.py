@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import time_interleaved  # noqa: E402  (scripts/ is on sys.path)
+from bench_common import pin_xla_single_thread, time_interleaved  # noqa: E402  (scripts/ is on sys.path)
 
 
 def load_authors_module(repo: str) -> types.ModuleType:
@@ -54,9 +54,8 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="JAX compute dtype")
   p.add_argument("--single-thread", action="store_true", help="one intra-op thread for JAX and torch")
   args = p.parse_args()
-  if args.single_thread:  # XLA reads its flags when the backend starts, so before importing jax
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  if args.single_thread:
+    pin_xla_single_thread()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from cgn_jax.models.u2net import U2Net  # pylint: disable=import-outside-toplevel

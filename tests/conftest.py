@@ -104,3 +104,15 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("parity: max |port - reference| per fixture and tolerance family")
     for line in parity.report_table(parity.REPORT):
       terminalreporter.write_line(line)
+
+
+# The slowest files first (measured with --durations): the two pytest-xdist workers take whole
+# files (--dist loadfile), so a long file handed out last would leave one worker idle at the end.
+_SLOW_FIRST = ("test_imagenet_cgn_train.py", "test_crash_safety.py", "test_imagenet_cgn_grad.py",
+               "test_mnist_jobs.py", "test_imagenet_classifier_jobs.py", "test_train_step_parity.py",
+               "test_imagenet_generate.py", "test_imagenet_cgn_converter.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))

@@ -1,22 +1,20 @@
 """The ImageNet CGN's training job on the tiny config (random 32-px BigGANs, U2NETP, random VGG).
 
-One module-scoped run on the 4 simulated devices is shared by the checks of what it writes; device
-count, gradient accumulation and a fixed-batch descent each add one more run (resuming after a kill
-is tested in test_crash_safety.py).
+One module-scoped run on the 4 simulated devices is shared by the checks of what it writes, the
+1-device run and the kill-and-rerun chain. Gradient accumulation, the fixed-batch descent and the
+initialisation are in test_imagenet_cgn_grad.py, so that the two files run on separate workers.
 """
 
 import os
 
 import jax
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
 from cgn_jax import checkpoints
 from cgn_jax.jobs import train_cgn_imagenet as job
-from cgn_jax.models import imagenet_cgn, vgg
-from cgn_jax.models.biggan import init_variables as init_biggan, set_spectral_vectors
+from cgn_jax.models import imagenet_cgn
 from cgn_jax.writers import read_metrics
 from configs import imagenet as imagenet_config
 
@@ -101,90 +99,6 @@ def test_one_and_four_devices_agree(tiny_run, data_dir, tmp_path):
   for a, b in zip(r1, r4[:2]):
     for n in job.LOSS_NAMES:
       assert a[f"loss_{n}"] == pytest.approx(b[f"loss_{n}"], rel=2e-4, abs=1e-5), (a["step"], n)
-
-
-@pytest.fixture(scope="module")
-def grad_setup(data_dir, tmp_path_factory):
-  c = _config(data_dir)
-  cfg = imagenet_cgn.config_from_fields(c.model)
-  model = imagenet_cgn.ImagenetCGN(cfg)
-  variables = job.initial_variables(c, cfg, str(tmp_path_factory.mktemp("init")))
-  # Mechanisms unlike the target: with four equal generators x_gen - x_gt is rounding noise, and
-  # the L1 gradient (the sign of that noise) would differ between any two batch layouts.
-  u2 = {col: variables[col]["u2net"] for col in ("params", "batch_stats")}
-  gt = {col: variables[col]["biggan_GT"] for col in ("params", "batch_stats")}
-  variables = imagenet_cgn.assemble(gt, u2, {m: init_biggan(cfg.biggan, seed=10 + i)
-                                             for i, m in enumerate(imagenet_cgn.MECHANISMS)})
-  # Exact top singular vectors: a power iteration then leaves u/v (hence sigma) unchanged, so the
-  # number of iterations (one per micro-batch) does not change the gradients being compared.
-  variables = set_spectral_vectors(jax.tree.map(np.array, variables), iterations=0)
-  params, frozen = imagenet_cgn.split_trainable(variables["params"])
-  feats = vgg.load_features_fn("", "", jax.random.key(7))
-  big = jax.jit(job.make_grad_fn(c, model, feats, micro_batch_size=4, accum_steps=1))
-  return c, model, feats, params, frozen, variables["batch_stats"], big
-
-
-def test_gradient_accumulation_equals_one_big_batch(grad_setup):
-  c, model, feats, params, frozen, stats, big = grad_setup
-  key = jax.random.key(3)
-  g1, _, t1 = big(params, stats, frozen, key)
-  small = jax.jit(job.make_grad_fn(c, model, feats, micro_batch_size=2, accum_steps=2))
-  g2, _, t2 = small(params, stats, frozen, key)
-  for n in job.LOSS_NAMES:
-    assert float(t2[n]) == pytest.approx(float(t1[n]), rel=1e-5, abs=1e-6 * float(t1["total"])), n
-  # Per mechanism, the relative distance of the two whole gradients. It is not zero: the batch
-  # layouts round differently, and a ReLU/clamp input within rounding of its kink flips its
-  # derivative (measured: 1e-5 to 4e-4, concentrated in one example's embedding row). A wrong
-  # accumulation (a micro-batch dropped or counted twice, the sum not averaged) is off by O(0.1-1).
-  for m in imagenet_cgn.MECHANISMS:
-    a = np.concatenate([v.ravel() for v in _flat(g1[m]).values()])
-    b = np.concatenate([v.ravel() for v in _flat(g2[m]).values()])
-    rel = np.linalg.norm(b - a) / np.linalg.norm(a)
-    print(f"{m}: relative gradient distance {rel:.2e}")
-    assert rel < 2e-3, (m, rel)
-
-
-def test_total_loss_falls_on_a_fixed_batch(grad_setup):
-  c, model, feats, params, frozen, stats, big = grad_setup
-  tx = optax.adam(1e-3)
-  opt = tx.init(params)
-  update = jax.jit(lambda g, o, p: (lambda u, o2: (optax.apply_updates(p, u), o2))(*tx.update(g, o, p)))
-  key = jax.random.key(11)  # the same key every step: the same samples, classes and patches
-  totals = []
-  for _ in range(25):
-    g, stats, terms = big(params, stats, frozen, key)
-    totals.append(float(terms["total"]))
-    params, opt = update(g, opt, params)
-  assert np.all(np.isfinite(totals))
-  assert np.mean(totals[-3:]) < 0.9 * totals[0], totals
-
-
-def test_initialisation_from_converted_parts_and_clear_errors(fixtures_dir, data_dir, tmp_path):
-  """The authors' initialisation: all four generators from one BigGAN, plus the U2-Net; a missing
-  or mismatching checkpoint is a one-line error that says what to run."""
-  from converters.biggan import convert_biggan
-  from converters.common import load_torch_state_dict
-  gan_pth = os.path.join(fixtures_dir, "biggan_deep_w16.pth")
-  c = _config(data_dir, **{"allow_random_init": False, "biggan_checkpoint": gan_pth,
-                           "u2net_checkpoint": os.path.join(fixtures_dir, "u2netp.pth"),
-                           "model.output_dim": 256, "model.channel_width": 16, "model.layers": (),
-                           "model.attention_layer_position": 8})
-  variables = job.initial_variables(c, imagenet_cgn.config_from_fields(c.model), str(tmp_path))
-  expected, _ = convert_biggan(load_torch_state_dict(gan_pth))
-  want = _flat(expected["params"])
-  for name in ("biggan_GT",) + imagenet_cgn.MECHANISMS:
-    got = _flat(variables["params"][name])
-    assert got.keys() == want.keys()
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}{k}")
-  assert set(variables["params"]["u2net"]) >= {"stage1", "outconv"}
-
-  wrong = _config(data_dir, **{"allow_random_init": False, "biggan_checkpoint": gan_pth})
-  with pytest.raises(checkpoints.CheckpointError, match="different BigGAN"):
-    job.initial_variables(wrong, imagenet_cgn.config_from_fields(wrong.model), str(tmp_path))
-  empty = _config(data_dir, **{"allow_random_init": False})
-  with pytest.raises(FileNotFoundError, match="python -m converters biggan"):
-    job.initial_variables(empty, imagenet_cgn.config_from_fields(empty.model), str(tmp_path))
 
 
 def test_sigkill_between_and_during_saves_then_rerun_equals_the_shared_run(tiny_run, data_dir,

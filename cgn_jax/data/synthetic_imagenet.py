@@ -67,7 +67,10 @@ def build(root: str, eval_dir: str, seed: int = 0, per_class: int = 4) -> dict[s
   nothing that looks finished.
   """
   paths = {"imagenet_dir": os.path.join(root, "imagenet"), "cf_dir": os.path.join(root, "cf"),
-           "cue_conflict_dir": os.path.join(root, "cue_conflict"), "in9_dir": os.path.join(root, "in9")}
+           "cue_conflict_dir": os.path.join(root, "cue_conflict"), "in9_dir": os.path.join(root, "in9"),
+           # The OOD sets are ImageFolders of WNIDs too: the synthetic val split stands in for both.
+           "imagenet_a_dir": os.path.join(root, "imagenet", "val"),
+           "sketch_dir": os.path.join(root, "imagenet", "val")}
   spec = {"seed": seed, "per_class": per_class, "version": 1}
   done = os.path.join(root, _DONE)
   if os.path.exists(done):

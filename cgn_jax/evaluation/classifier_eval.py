@@ -18,6 +18,7 @@ import numpy as np
 
 from cgn_jax import parallel
 from cgn_jax.data import imagenet
+from cgn_jax.data.storage import DataError
 from cgn_jax.evaluation import classifier_metrics as cm
 
 LogitsFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
@@ -78,6 +79,27 @@ def imagenet_accuracy(forward, variables, rows, transform, batch_size: int, head
   return {h: cm.accuracies(cm.topk_correct(out[h], out["label"])) for h in _heads(out, heads)}
 
 
+def ood_accuracy(forward, variables, rows, transform, batch_size: int, heads,
+                 restrict: bool) -> dict:
+  """{head: {"top1"}} on an out-of-distribution ImageFolder (Re-CGN's ImageNet-A and -Sketch).
+
+  ``restrict``: ImageNet-A's protocol, the argmax over the classes the folder holds (its 200 WNIDs)
+  instead of all 1000.
+  """
+  out = _outputs(forward, variables, _batches(rows, transform, batch_size))
+  labels = out["label"]
+  allowed = np.unique(rows.labels["label"])
+  res = {}
+  for h in _heads(out, heads):
+    logits = np.asarray(out[h], np.float64)
+    if restrict:
+      masked = np.full_like(logits, -np.inf)
+      masked[:, allowed] = logits[:, allowed]
+      logits = masked
+    res[h] = {"top1": cm.percent(int(np.sum(np.argmax(logits, -1) == labels)), len(labels))}
+  return res
+
+
 def shape_bias(forward, variables, rows, transform, batch_size: int, heads,
                mappings: cm.EvalMappings) -> dict:
   """{head: shape-bias metrics and counts} on cue-conflict ``rows``."""
@@ -125,7 +147,7 @@ def evaluate(forward, variables, data: Any, ev: Any, heads=tuple(HEAD_NAMES),
     mean, std = ((imagenet.IN9_MEAN, imagenet.IN9_STD) if ev.in9_normalization == "in9"
                  else (imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
     if ev.in9_normalization not in ("in9", "imagenet"):
-      raise ValueError(f"config.eval.in9_normalization must be 'in9' or 'imagenet', not "
+      raise DataError(f"config.eval.in9_normalization must be 'in9' or 'imagenet', not "
                        f"'{ev.in9_normalization}'")
     # The authors feed IN-9's 224x224 images as they are; other sizes are resized and cropped.
     transform = (imagenet.AsIsTransform(size, mean, std) if ev.in9_as_is
@@ -135,6 +157,14 @@ def evaluate(forward, variables, data: Any, ev: Any, heads=tuple(HEAD_NAMES),
     results["backgrounds"] = backgrounds(
         forward, variables, data.in9_dir, variants, transform, ev.batch_size, heads, mappings,
         os.path.join(data.eval_dir, "in9_classes.txt"), ev.max_images)
+  for name, folder, restrict in (("imagenet_a", data.imagenet_a_dir, True),
+                                 ("sketch", data.sketch_dir, False)):
+    if name in sets and folder:
+      rows = _limited(imagenet.image_folder(folder, os.path.join(data.eval_dir,
+                                                                 "imagenet_class_index.json")),
+                      ev.max_images)
+      results[name] = ood_accuracy(forward, variables, rows, in_transform, ev.batch_size, heads,
+                                   restrict)
   return results
 
 
@@ -172,4 +202,13 @@ def tables(results: Mapping[str, Any], model_name: str) -> str:
         name = model_name if head in BACKGROUNDS_HEAD else f"{model_name} {HEAD_NAMES[head]}"
         rows[name] = per_head[head]
     text.append("### Backgrounds Challenge (IN-9 accuracy, BG-gap)\n\n" + cm.backgrounds_table(rows))
+  ood = [(k, t) for k, t in (("imagenet_a", "ImageNet-A top-1 (200 classes)"),
+                             ("sketch", "ImageNet-Sketch top-1")) if k in results]
+  if ood:
+    rows = {}
+    for head in HEAD_NAMES:
+      row = {k: results[k][head]["top1"] for k, _ in ood if head in results[k]}
+      if row:
+        rows[f"{model_name} {HEAD_NAMES[head]}"] = row
+    text.append("### Out of distribution (as in Re-CGN)\n\n" + cm.markdown_table(rows, {}, ood))
   return "\n".join(text)

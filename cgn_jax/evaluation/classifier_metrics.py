@@ -24,8 +24,8 @@ IN9_VARIANTS = ("original", "mixed_same", "mixed_rand", "only_fg")
 # Sauer & Geiger, "Counterfactual Generative Networks", ICLR 2021, §5.3 (ImageNet): the
 # shape-vs-texture table ("shape_bias": shape bias per classifier head of the IN+CGN ensemble, and
 # the ensemble's ImageNet top-1) and the Backgrounds Challenge table ("backgrounds"). Percentages.
-# Only the IN+CGN numbers known to this project are here (the parent task's brief; shared/spec does
-# not restate the paper's tables); the paper's other rows are left out rather than guessed.
+# Only the IN+CGN numbers quoted in the project's issue are here (shared/spec does not restate the
+# paper's tables); the paper's other rows are left out rather than guessed.
 PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
     "shape_bias": {
         "IN+CGN shape head": {"shape_bias": 54.8},

@@ -20,6 +20,7 @@ import ml_collections
 from cgn_jax import checkpoints, parallel
 from cgn_jax.data import synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
+from cgn_jax.data.storage import DataError
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
 
@@ -36,7 +37,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
   cache = os.path.join(workdir, "converted")
   if not path:
     if not config.allow_random_init:
-      raise ValueError("config.checkpoint is empty; pass --config.checkpoint=PATH (a training "
+      raise checkpoints.CheckpointError("config.checkpoint is empty; pass --config.checkpoint=PATH (a training "
                        "workdir, a converted dir or a .pth), or --config.allow_random_init=True "
                        "to evaluate a random model")
     model = _from_config(config)
@@ -49,7 +50,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
     path = os.path.join(path, resnet.EXPORT_DIR)
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoints.META_FILE)):
     if not os.path.isdir(os.path.join(path, "checkpoints")):
-      raise ValueError(f"{path} is neither a training workdir, nor a converted checkpoint; pass "
+      raise checkpoints.CheckpointError(f"{path} is neither a training workdir, nor a converted checkpoint; pass "
                        f"one of those or a .pth")
     tree, record = checkpoints.read_train_checkpoint(path)
     model = _from_config(config)
@@ -72,11 +73,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh(config.num_devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   data = synthetic_imagenet.resolve(config.data, workdir, config.seed)
-  missing = [s for s, d in (("imagenet", data.imagenet_dir), ("shape_bias", data.cue_conflict_dir),
-                            ("backgrounds", data.in9_dir)) if s in config.sets and not d]
+  field = {"imagenet": "imagenet_dir", "shape_bias": "cue_conflict_dir", "backgrounds": "in9_dir",
+           "imagenet_a": "imagenet_a_dir", "sketch": "sketch_dir"}
+  missing = [s for s in config.sets if not data[field[s]]]
   if missing:
-    field = {"imagenet": "imagenet_dir", "shape_bias": "cue_conflict_dir", "backgrounds": "in9_dir"}
-    raise ValueError("no data for " + ", ".join(missing) + "; pass " +
+    raise DataError("no data for " + ", ".join(missing) + "; pass " +
                      " ".join(f"--config.data.{field[s]}=DIR" for s in missing))
   model, variables, what = load_model(config, workdir)
   variables = parallel.replicate(variables, mesh)

@@ -29,8 +29,10 @@ import ml_collections
 import optax
 
 from cgn_jax import checkpoints, parallel, training
+from cgn_jax.checkpoints import CheckpointError
 from cgn_jax.data import imagenet, synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
+from cgn_jax.data.storage import DataError
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
 
@@ -73,7 +75,7 @@ def _check_architecture(loaded, model, path: str) -> None:
   got = (tuple(loaded.blocks), loaded.width, loaded.num_classes)
   want = (tuple(model.blocks), model.width, model.num_classes)
   if got != want:
-    raise ValueError(f"{path} holds a ResNet with blocks/width/classes {got}, the config asks for "
+    raise CheckpointError(f"{path} holds a ResNet with blocks/width/classes {got}, the config asks for "
                      f"{want}; set --config.model.blocks/width/num_classes to match")
 
 
@@ -168,11 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
     data = synthetic_imagenet.resolve(config.data, workdir, config.seed)
     if not data.imagenet_dir:
-      raise ValueError("config.data.imagenet_dir is empty; pass --config.data.imagenet_dir=DIR "
+      raise DataError("config.data.imagenet_dir is empty; pass --config.data.imagenet_dir=DIR "
                        "(an ImageFolder with train/ and val/), or use the ':tiny' variant")
     with_cf = t.cf_ratio > 0
     if with_cf and not data.cf_dir:
-      raise ValueError("config.data.cf_dir is empty; generate counterfactuals "
+      raise DataError("config.data.cf_dir is empty; generate counterfactuals "
                        "(configs/imagenet_generate.py) and pass --config.data.cf_dir=DIR, or train "
                        "the ImageNet-only baseline (configs/imagenet_classifier.py:baseline)")
     if with_cf:

@@ -1,7 +1,7 @@
 """Classifiers: the authors' MNIST CNN (mnists/models/classifier.py).
 
-The ImageNet invariant ensemble (ResNet-50 backbone with shape/texture/background heads) belongs here
-too when it is ported.
+The ImageNet invariant ensemble (ResNet-50 backbone with shape/texture/background heads) is in
+``cgn_jax/models/resnet.py``.
 """
 
 from __future__ import annotations

@@ -56,6 +56,21 @@ def converted_dir(checkpoint: str, family: str, cache_dir: str | None = None) ->
   return dst
 
 
+def pick_family(checkpoint: str, family: str | None, families, default: str, where: str) -> str:
+  """The family to load ``checkpoint`` as, for a model file whose families are ``families``.
+
+  ``None`` takes a converted dir's stored family, or ``default`` for a ``.pth`` (which does not say);
+  a foreign stored family falls through to ``load_converted``, whose error names it.
+  """
+  if family is None:
+    is_converted = os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE))
+    stored = checkpoints.load_meta(checkpoint).get("family") if is_converted else None
+    family = stored if stored in families else default
+  if family not in families:
+    raise ValueError(f"family '{family}' is not in {where}; use one of {', '.join(families)}")
+  return family
+
+
 def load_converted(checkpoint: str, family: str,
                    cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
   """``(variables, meta)`` of ``checkpoint`` (see :func:`converted_dir`), as numpy arrays.

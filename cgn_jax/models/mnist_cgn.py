@@ -7,7 +7,6 @@ converter's mapping reads like the checkpoint (``f_text1.3`` -> ``f_text1/conv1`
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any, Mapping
 
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cgn_jax import checkpoints
 from cgn_jax.models import init as inits
 from cgn_jax.models import loading
 from cgn_jax.models.layers import (TorchBatchNorm, avg_pool_floor, instance_norm, leaky_relu,
@@ -271,14 +269,7 @@ def load(checkpoint: str, cache_dir: str | None = None, family: str | None = Non
   Returns:
     ``(module, variables)``, the module built from the stored ``model_config``.
   """
-  if family is None:
-    is_converted = os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE))
-    stored = checkpoints.load_meta(checkpoint).get("family") if is_converted else None
-    # A foreign stored family falls through to load_converted, whose error names it.
-    family = stored if stored in MODULES else "mnist_cgn"
-  if family not in MODULES:
-    raise ValueError(f"family '{family}' is not in cgn_jax.models.mnist_cgn; use one of "
-                     f"{', '.join(MODULES)}")
+  family = loading.pick_family(checkpoint, family, MODULES, "mnist_cgn", "cgn_jax.models.mnist_cgn")
   variables, meta = loading.load_converted(checkpoint, family, cache_dir)
   return MODULES[family](**meta["model_config"], **module_kwargs), variables
 

@@ -22,14 +22,12 @@ converter's mapping reads like the checkpoint. Layout NHWC; parameters are float
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cgn_jax import checkpoints
 from cgn_jax.models import init as inits
 from cgn_jax.models import loading
 from cgn_jax.models.layers import TorchBatchNorm, max_pool_torch
@@ -154,7 +152,8 @@ MODULES: dict[str, type[nn.Module]] = {"resnet50": ResNet, "invariant_ensemble":
 def init_variables(model: nn.Module, key: Array, image_size: int = 224) -> Any:
   """Fresh torchvision-initialised variables of a ``ResNet`` or ``InvariantEnsemble``.
 
-  Jitted: eager ``init`` of ResNet-50 dispatches hundreds of small ops and is slower on CPU.
+  Compiling this takes ~20 s on a 2-core CPU whatever the size (XLA's random-bit generation for
+  every array; eager ``init`` is no faster), so CPU tests start from converted weights instead.
   """
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   return jax.jit(functools.partial(model.init, train=False))(key, x)
@@ -196,12 +195,7 @@ def load(checkpoint: str, cache_dir: str | None = None, family: str | None = Non
   Returns:
     ``(module, variables)``, the module built from the stored ``model_config``.
   """
-  if family is None:
-    is_converted = os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE))
-    stored = checkpoints.load_meta(checkpoint).get("family") if is_converted else None
-    family = stored if stored in MODULES else "invariant_ensemble"
-  if family not in MODULES:
-    raise ValueError(f"family '{family}' is not in cgn_jax.models.resnet; use one of {', '.join(MODULES)}")
+  family = loading.pick_family(checkpoint, family, MODULES, "invariant_ensemble", "cgn_jax.models.resnet")
   variables, meta = loading.load_converted(checkpoint, family, cache_dir)
   cfg = dict(meta["model_config"])
   cfg["blocks"] = tuple(cfg["blocks"])  # JSON gives a list
