@@ -177,6 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise DataError("config.data.cf_dir is empty; generate counterfactuals "
                        "(configs/imagenet_generate.py) and pass --config.data.cf_dir=DIR, or train "
                        "the ImageNet-only baseline (configs/imagenet_classifier.py:baseline)")
+    if t.cf_ratio < 0 or (with_cf and imagenet.cf_batch_size(t.cf_ratio, t.batch_size) == 0):
+      raise DataError(f"config.train.cf_ratio={t.cf_ratio} gives "
+                      f"{imagenet.cf_batch_size(max(t.cf_ratio, 0), t.batch_size)} counterfactuals "
+                      f"per batch of {t.batch_size}; use 0 (ImageNet only) or at least "
+                      f"{1 / t.batch_size:g}")
     if with_cf:
       parallel.check_batch_size(imagenet.cf_batch_size(t.cf_ratio, t.batch_size), mesh,
                                 "int(train.cf_ratio * train.batch_size)")
