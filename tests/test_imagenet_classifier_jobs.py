@@ -174,6 +174,8 @@ def test_missing_folders_are_one_line_errors(data_dir, tmp_path):
   c = _config(data_dir, **{"data.synthetic": False, "data.imagenet_dir": str(tmp_path)})
   with pytest.raises(DataError, match="config.data.cf_dir is empty"):
     job.train_and_evaluate(c, str(tmp_path / "b"))
+  with pytest.raises(DataError, match="gives 0 counterfactuals per batch of 8"):
+    job.train_and_evaluate(_config(data_dir, **{"train.cf_ratio": 0.01}), str(tmp_path / "e"))
   with pytest.raises(checkpoints.CheckpointError, match="config.checkpoint is empty"):
     evaluate_job.run(_eval_config(data_dir, "tiny_backgrounds", allow_random_init=False),
                      str(tmp_path / "c"))
