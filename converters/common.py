@@ -8,7 +8,6 @@ that every family fails the same way: one line naming the offending key.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -19,25 +18,17 @@ class ConversionError(Exception):
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch ``.pth`` (zip or legacy pickle) into float32/int64 numpy arrays.
+  """Reads a torch ``.pth`` (zip or legacy format) into float32/int numpy arrays, without torch.
 
-  Accepts a bare state dict or a dict wrapping one under ``state_dict``/``model``. Float tensors of
-  any precision are cast to float32: some published files (and two fixtures) store float16.
+  Accepts a bare state dict or a dict wrapping one under ``state_dict``/``model``/``generator``.
+  Float tensors of any precision are cast to float32: some published files (and two fixtures)
+  store float16. The file is unpickled by ``converters.torch_reader``, which refuses every global a
+  state dict does not need, so a crafted file cannot run code.
   """
+  from converters import torch_reader  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise ConversionError(f"no such file: {path}")
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ConversionError(
-        "reading .pth needs torch: pip install 'cgn_jax[convert]' "
-        "(a CPU build is enough: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
-    ) from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many unrelated types for a bad file
-    kind = "truncated or corrupt zip" if zipfile.is_zipfile(path) or _looks_like_zip(path) else "not a torch checkpoint"
-    raise ConversionError(f"{path}: {kind} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+  obj = torch_reader.read(path)
   if isinstance(obj, Mapping) and not _is_state_dict(obj):
     for key in ("state_dict", "model", "generator"):
       if key in obj and _is_state_dict(obj[key]):
@@ -45,27 +36,13 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         break
   if not isinstance(obj, Mapping) or not _is_state_dict(obj):
     raise ConversionError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
-  out = {}
-  for k, v in obj.items():
-    a = v.detach().cpu()
-    if a.is_floating_point():
-      a = a.float()
-    out[k] = a.numpy()
-  return out
-
-
-def _looks_like_zip(path: str) -> bool:
-  with open(path, "rb") as f:
-    return f.read(4) == b"PK\x03\x04"
+  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+          for k, v in obj.items()}
 
 
 def _is_state_dict(obj: Any) -> bool:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return False
   return isinstance(obj, Mapping) and len(obj) > 0 and all(
-      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,9 +174,6 @@ def load_fixed_noise(path: str, z_dim: int) -> np.ndarray:
 
 
 def _load_torch_tensor(path: str) -> np.ndarray:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch (pip install 'cgn_jax[convert]'), or save it "
-                      f"once as .npy and point --config.u_fixed there") from e
-  return torch.load(path, map_location="cpu", weights_only=True).detach().numpy()
+  """One tensor saved with ``torch.save`` (the authors' ``u_fixed.pth``), read without torch."""
+  from converters import torch_reader  # pylint: disable=import-outside-toplevel
+  return np.asarray(torch_reader.read(path))
