@@ -132,11 +132,13 @@ def _read_legacy(f, path: str) -> Any:
   kinds: dict[str, _StorageType] = {}
   arrays: dict[str, np.ndarray] = {}
 
-  def storage(pid: tuple) -> np.ndarray:
+  def storage(pid: tuple) -> "_Lazy":
     _, kind, key = pid[:3]
+    if len(pid) > 5 and pid[5] is not None:  # torch < 0.4 saved views of storages
+      raise ConversionError(f"{path}: a storage view (torch < 0.4 file); load and re-save it with "
+                            f"a newer torch")
     kinds[key] = kind
-    # Filled in after the key list below; the rebuild functions then read from it. Views of a
-    # storage (pid[5]) are not produced by state dicts saved with torch >= 0.4.
+    # Filled in after the key list below; the tensors are rebuilt from it at the end.
     return _Lazy(arrays, key)
 
   obj = _DeferredUnpickler(f, path, storage).load()
