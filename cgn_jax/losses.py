@@ -52,6 +52,16 @@ def adversarial_mse_loss(validity: Array, real: bool) -> Array:
 # ---------------------------------------------------------------------------------------------
 # Perceptual losses (PerceptualLossModel / PerceptualLoss / PercLossText)
 
+def nll_loss(log_probs: Array, labels: Array) -> Array:
+  """F.nll_loss: the batch mean of -log p at the label."""
+  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1))
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+  """nn.CrossEntropyLoss: ``nll_loss`` of the log-softmax, computed in float32 (bf16 logits too)."""
+  return nll_loss(jax.nn.log_softmax(logits.astype(jnp.float32)), labels)
+
+
 def gram_matrix(features: Array) -> Array:
   """Per-sample ``F F^T / (c*h*w)`` of NHWC features -> [N, C, C] (float32 even for bf16 input)."""
   n, h, w, c = features.shape

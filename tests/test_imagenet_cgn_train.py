@@ -17,6 +17,7 @@ from cgn_jax.jobs import train_cgn_imagenet as job
 from cgn_jax.models import imagenet_cgn
 from cgn_jax.writers import read_metrics
 from configs import imagenet as imagenet_config
+from configs.common import apply_overrides
 
 EPISODES = 4
 
@@ -28,14 +29,8 @@ def _config(data_dir, **overrides):
   c.train.episodes = EPISODES
   c.log.checkpoint_every = 2
   c.log.sample_every = EPISODES
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
   c.lock()
-  return c
+  return apply_overrides(c, **overrides)
 
 
 @pytest.fixture(scope="module")

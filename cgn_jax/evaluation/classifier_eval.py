@@ -20,6 +20,7 @@ from cgn_jax import parallel
 from cgn_jax.data import imagenet
 from cgn_jax.data.storage import DataError
 from cgn_jax.evaluation import classifier_metrics as cm
+from cgn_jax.models import resnet
 
 LogitsFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
 # Row names of the tables per head (classifier_metrics.PAPER_RESULTS uses the same words).
@@ -29,6 +30,14 @@ HEAD_NAMES = {"shape_preds": "shape head", "texture_preds": "texture head",
               "shape_texture_preds": "shape+texture", "logits": "model"}
 # The Backgrounds table's row: the authors' BG-gap is on the shape+texture mean (no background head).
 BACKGROUNDS_HEAD = ("shape_texture_preds", "logits")
+
+
+def model_logits(model) -> LogitsFn:
+  """The evaluation's ``logits(variables, images)`` of a model: every head of an ensemble, a plain
+  ResNet's logits under the name ``logits``; BatchNorm in eval mode."""
+  if isinstance(model, resnet.InvariantEnsemble):
+    return lambda variables, images: model.apply(variables, images, train=False)
+  return lambda variables, images: {"logits": model.apply(variables, images, train=False)}
 
 
 def make_forward(logits_fn: LogitsFn, mesh) -> Callable[[Any, dict], dict[str, np.ndarray]]:

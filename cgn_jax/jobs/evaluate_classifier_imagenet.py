@@ -24,12 +24,6 @@ from cgn_jax.data.storage import DataError
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
 
-def _from_config(config) -> resnet.InvariantEnsemble:
-  m = config.model
-  return resnet.InvariantEnsemble(blocks=tuple(m.blocks), width=m.width, num_classes=m.num_classes,
-                                  dtype=jnp.dtype(m.dtype))
-
-
 def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, str]:
   """``(module, variables, description)`` of ``config.checkpoint`` (see the module docstring)."""
   path = config.checkpoint
@@ -40,7 +34,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
       raise checkpoints.CheckpointError("config.checkpoint is empty; pass --config.checkpoint=PATH (a training "
                        "workdir, a converted dir or a .pth), or --config.allow_random_init=True "
                        "to evaluate a random model")
-    model = _from_config(config)
+    model = resnet.ensemble_from_fields(config.model)
     return model, resnet.init_variables(model, jax.random.key(config.seed),
                                         config.data.image_size), "random initialisation"
   if not os.path.exists(path):
@@ -53,18 +47,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
       raise checkpoints.CheckpointError(f"{path} is neither a training workdir, nor a converted checkpoint; pass "
                        f"one of those or a .pth")
     tree, record = checkpoints.read_train_checkpoint(path)
-    model = _from_config(config)
+    model = resnet.ensemble_from_fields(config.model)
     variables = {"params": tree["state"]["params"], "batch_stats": tree["state"]["batch_stats"]}
     return model, variables, f"{path} (training checkpoint, step {tree['state']['step']})"
   model, variables = resnet.load(path, cache, family=config.family or None, dtype=dtype)
   return model, variables, path
-
-
-def logits_fn(model):
-  """Every output of an ensemble; a plain ResNet's logits under the name ``logits``."""
-  if isinstance(model, resnet.InvariantEnsemble):
-    return lambda variables, images: model.apply(variables, images, train=False)
-  return lambda variables, images: {"logits": model.apply(variables, images, train=False)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -81,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      " ".join(f"--config.data.{field[s]}=DIR" for s in missing))
   model, variables, what = load_model(config, workdir)
   variables = parallel.replicate(variables, mesh)
-  forward = classifier_eval.make_forward(logits_fn(model), mesh)
+  forward = classifier_eval.make_forward(classifier_eval.model_logits(model), mesh)
   results = classifier_eval.evaluate(forward, variables, data, config.eval, sets=config.sets)
   text = classifier_eval.tables(results, config.eval.model_name)
   if jax.process_index() == 0:

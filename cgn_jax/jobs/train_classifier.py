@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cgn_jax import parallel, training
+from cgn_jax import losses, parallel, training
 from cgn_jax.data import batches, storage
 from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.models.classifiers import MnistCNN
@@ -62,7 +62,7 @@ def make_steps(model: MnistCNN, tx):
     def loss_fn(params):
       logp, new = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
                               train=True, mutable=["batch_stats"])
-      loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1))  # F.nll_loss
+      loss = losses.nll_loss(logp, labels)
       return loss, (logp, new["batch_stats"])
     (loss, (logp, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cgn_jax import checkpoints, parallel, training
+from cgn_jax import checkpoints, losses, parallel, training
 from cgn_jax.checkpoints import CheckpointError
 from cgn_jax.data import imagenet, synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
@@ -50,9 +50,7 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict) -> resnet.InvariantEnsemble:
-  m = config.model
-  return resnet.InvariantEnsemble(blocks=tuple(m.blocks), width=m.width, num_classes=m.num_classes,
-                                  dtype=jnp.dtype(m.dtype))
+  return resnet.ensemble_from_fields(config.model)
 
 
 def initial_variables(config, model: resnet.InvariantEnsemble, workdir: str) -> Any:
@@ -75,8 +73,8 @@ def _check_architecture(loaded, model, path: str) -> None:
   got = (tuple(loaded.blocks), loaded.width, loaded.num_classes)
   want = (tuple(model.blocks), model.width, model.num_classes)
   if got != want:
-    raise CheckpointError(f"{path} holds a ResNet with blocks/width/classes {got}, the config asks for "
-                     f"{want}; set --config.model.blocks/width/num_classes to match")
+    raise CheckpointError(f"{path} holds a ResNet with blocks/width/classes {got}, the config asks "
+                          f"for {want}; set --config.model.blocks/width/num_classes to match")
 
 
 def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
@@ -95,21 +93,20 @@ def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransf
                      optax.sgd(schedule, momentum=t.momentum)), schedule
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """nn.CrossEntropyLoss: the batch mean of -log softmax at the label (in float32)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1))
-
-
 def _topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   top = jax.lax.top_k(logits, k)[1]
   return 100 * jnp.mean(jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32))
 
 
+def _cf_metric(head: str, k: int) -> str:
+  """``top1_cf_shape`` etc.: a head's top-k on its own counterfactual label."""
+  return f"top{k}_cf_{head.split('_')[0]}"
+
+
 def metric_names(with_cf: bool) -> tuple[str, ...]:
   names = ["loss", "loss_real", "top1_real", "top5_real", "lr"]
   if with_cf:
-    names += ["loss_cf"] + [f"top{k}_cf_{h.split('_')[0]}" for h in HEADS for k in (1, 5)]
+    names += ["loss_cf"] + [_cf_metric(h, k) for h in HEADS for k in (1, 5)]
   return tuple(names)
 
 
@@ -123,12 +120,12 @@ def make_train_step(model: resnet.InvariantEnsemble, tx, schedule):
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       real = model.apply(variables, batch["real"]["image"], train=False)
-      loss_real = cross_entropy(real["avg_preds"], batch["real"]["label"])
+      loss_real = losses.cross_entropy(real["avg_preds"], batch["real"]["label"])
       aux = {"real": real}
       loss = loss_real
       if "cf" in batch:
         cf = model.apply(variables, batch["cf"]["image"], train=False)
-        loss_cf = sum(cross_entropy(cf[h], batch["cf"][CF_LABEL[h]]) for h in HEADS)
+        loss_cf = sum(losses.cross_entropy(cf[h], batch["cf"][CF_LABEL[h]]) for h in HEADS)
         aux.update(cf=cf, loss_cf=loss_cf)
         loss = loss + loss_cf
       return loss, (loss_real, aux)
@@ -145,15 +142,10 @@ def make_train_step(model: resnet.InvariantEnsemble, tx, schedule):
       out["loss_cf"] = aux["loss_cf"]
       for h in HEADS:
         for k in (1, 5):
-          out[f"top{k}_cf_{h.split('_')[0]}"] = _topk(aux["cf"][h], batch["cf"][CF_LABEL[h]], k)
+          out[_cf_metric(h, k)] = _topk(aux["cf"][h], batch["cf"][CF_LABEL[h]], k)
     return new, out
 
   return train_step
-
-
-def ensemble_logits(model: resnet.InvariantEnsemble):
-  """The evaluation's ``logits(variables, images)``: every head, BatchNorm in eval mode."""
-  return lambda variables, images: model.apply(variables, images, train=False)
 
 
 def _write_results(workdir: str, results: dict) -> None:
@@ -200,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables = initial_variables(config, model, workdir)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables["batch_stats"], opt=tx.init(variables["params"]))
-    forward = classifier_eval.make_forward(ensemble_logits(model), mesh)
+    forward = classifier_eval.make_forward(classifier_eval.model_logits(model), mesh)
     results.update(config=config.to_dict(), n_train=len(real), n_cf=len(cf) if cf else 0,
                    steps_per_epoch=per_epoch)
 

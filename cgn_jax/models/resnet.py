@@ -143,6 +143,12 @@ class InvariantEnsemble(nn.Module):
     return self.heads(self.features(x, train))
 
 
+def ensemble_from_fields(model: Any) -> InvariantEnsemble:
+  """The ensemble a config's ``model`` section describes (blocks, width, num_classes, dtype)."""
+  return InvariantEnsemble(blocks=tuple(model.blocks), width=model.width,
+                           num_classes=model.num_classes, dtype=jnp.dtype(model.dtype))
+
+
 # Where the training job exports its final ensemble inside its workdir (the evaluation job looks there).
 EXPORT_DIR = "ensemble"
 
