@@ -7,10 +7,12 @@ is renamed into place, so an interrupted write never leaves a half-written check
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -19,6 +21,17 @@ import orbax.checkpoint as ocp
 
 META_FILE = "cgn_meta.json"
 _TREE_DIR = "variables"
+
+
+def _this_process_only() -> ocp.StandardCheckpointer:
+  """A checkpointer for one process's own numpy pytree (an export, a converted model).
+
+  Orbax's default waits at a barrier of every process; a write done by process 0 alone (or a read
+  each process does on its own) would hang there forever in a multi-process run.
+  """
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}"))
 
 
 class CheckpointError(Exception):
@@ -32,17 +45,28 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any] | None = None
     raise FileExistsError(f"{path} exists already; remove it or choose another output directory")
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
+  # A save killed mid-write leaves its temporary sibling; the next save of this path clears it.
+  pattern = glob.escape(os.path.basename(path)) + ".tmp-*"
+  for stale in glob.glob(os.path.join(glob.escape(parent), pattern)):
+    shutil.rmtree(stale, ignore_errors=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
   try:
     tree = jax.tree_util.tree_map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_only() as ckptr:
       ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta or {}, f, indent=1, default=str)
     os.rename(tmp, path)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    # After a failed write, tensorstore's writes still in flight can recreate folders under tmp
+    # just after a first removal: remove until it stays gone.
+    for _ in range(10):
+      shutil.rmtree(tmp, ignore_errors=True)
+      time.sleep(0.05)
+      if not os.path.exists(tmp):
+        break
     raise
 
 
@@ -71,7 +95,7 @@ def load_variables(path: str, family: str | None = None) -> Any:
   if family is not None and meta.get("family") != family:
     raise CheckpointError(
         f"{path} holds a '{meta.get('family')}' checkpoint, expected '{family}'")
-  with ocp.StandardCheckpointer() as ckptr:
+  with _this_process_only() as ckptr:
     tree = ckptr.restore(os.path.join(os.path.abspath(path), _TREE_DIR))
   return jax.tree_util.tree_map(np.asarray, tree)
 
@@ -80,7 +104,7 @@ def _check(path: str) -> None:
   if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, META_FILE)):
     raise CheckpointError(
         f"{path} is not a converted checkpoint; make one with "
-        "`python -m converters FAMILY SRC.pth {path}`")
+        f"`python -m converters FAMILY SRC.pth {path}`")
 
 
 class TrainCheckpointer:

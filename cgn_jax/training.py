@@ -106,8 +106,10 @@ class Task:
   params: Callable[[Any], Any] = lambda state: state.params  # the trained parameters (overview)
   hooks: Sequence[Hook] = ()
   export: Optional[Callable[[Any], None]] = None  # the final state, on process 0
-  on_log: Optional[Callable[[int, dict[str, float]], None]] = None  # each row, on process 0
-  on_resume: Optional[Callable[[int], None]] = None  # the step resumed from (0: fresh), process 0
+  # Each row, and the step resumed from (0: fresh), on every process (so each can return the
+  # job's results); files are written from process 0.
+  on_log: Optional[Callable[[int, dict[str, float]], None]] = None
+  on_resume: Optional[Callable[[int], None]] = None
   bar_keys: Sequence[str] = ()
   unit: str = "step"
   log_every: Optional[int] = None  # overrides config.log.every_steps (e.g. once per epoch)
@@ -280,7 +282,9 @@ class _Loop:
   def _save(self, step: int, state, acc, key) -> None:
     record = {"data": self.task.batches.position(step) if self.task.batches else {},
               "unit": self.task.unit}
-    self.ckpt.save(step, {"state": state, "acc": acc, "rng": jax.random.key_data(key)}, record)
+    # The key lives on one device; a multi-process save takes only global (here: replicated) arrays.
+    rng = jax.device_put(np.asarray(jax.random.key_data(key)), parallel.replicated(self.mesh))
+    self.ckpt.save(step, {"state": state, "acc": acc, "rng": rng}, record)
     self.last_saved = step
 
   # -- the loop ---------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ class _Loop:
     task, log = self.task, self.log
     self._compile(task.state, task.constants)
     state, acc, key, start = self._restore(task.state, _zero_averages(self.names), task.key)
-    if self.is_main and task.on_resume:
+    if task.on_resume:
       task.on_resume(start)
     writer = MetricWriter(self.workdir, tensorboard=log.tensorboard)
     writer.truncate_after(start)  # rows logged after that checkpoint come again
@@ -335,7 +339,7 @@ class _Loop:
           row.update(extra)
           row["steps_per_sec"] = (done - since) / max(time.time() - t0, 1e-9)
           writer.write_scalars(done, row)
-          if self.is_main and task.on_log:
+          if task.on_log:
             task.on_log(done, {k: float(v) for k, v in row.items()})
           bar.set_postfix({k: f"{float(row[k]):.3f}" for k in task.bar_keys if k in row})
           acc = jax.device_put(_zero_averages(self.names), repl)
@@ -349,6 +353,7 @@ class _Loop:
     writer.flush()
     if self.is_main and task.export:
       task.export(_local_copy(state))
+    parallel.sync(f"{task.name}: exported")  # the next job may read the export on any process
     return state
 
   def _stop_requested(self, signals: _Signals) -> bool:

@@ -15,8 +15,13 @@ Variants: ``:tiny`` (random weights, width 4, 128 px; seconds; used by tests).
 
 import ml_collections
 
+from configs.common import check_variant
+
+VARIANTS = ("default", "tiny")
+
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "sample_biggan"
   c.checkpoint = ""                # converted Orbax dir or the .pth/.bin; "" = random weights
@@ -36,7 +41,5 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.batch_size = 6
     c.model.output_dim = 128
     c.model.channel_width = 4
-  elif variant != "default":
-    raise ValueError(f"unknown variant '{variant}'; choose 'default' or 'tiny'")
   c.lock()
   return c

@@ -7,12 +7,30 @@ otherwise the ``shared/data`` folder beside the checkout (``<checkout>/../shared
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import ml_collections
+
+from cgn_jax.errors import closest
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.abspath(os.environ.get("CGN_DATA") or
                            os.path.join(_CHECKOUT, "..", "shared", "data"))
+
+
+def check_variant(variant: str, variants: Sequence[str]) -> None:
+  """Refuses a variant that ``get_config`` does not know, naming the valid ones and the nearest.
+
+  Each config lists its ``VARIANTS`` (``python -m cgn_jax.main --help`` shows them); ``""`` and
+  ``"default"`` there mean the default.
+  """
+  if variant not in variants:
+    named = [v for v in variants if v not in ("", "default")]
+    near = closest(variant, named)
+    default = ", or none (the default)" if {"", "default"} & set(variants) else ""
+    hint = f"; did you mean :{near}?" if near else ""
+    raise ValueError(f"unknown variant '{variant}'; choose one of "
+                     f"{', '.join(':' + v for v in named)}{default}{hint}")
 
 
 def data_path(*parts: str) -> str:

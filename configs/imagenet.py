@@ -20,13 +20,16 @@ and is what the tests run: it shows the plumbing, not images.
 
 import ml_collections
 
-from configs.common import data_path, loop_config, tiny_log
+from configs.common import check_variant, data_path, loop_config, tiny_log
+
+VARIANTS = ("", "tiny")
 
 # The authors' fixed sample-sheet classes (imagenet/train_cgn.py save_sample_sheet).
 SHEET_CLASSES = (15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "train_cgn_imagenet"
   c.seed = 0
@@ -100,7 +103,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.log.checkpoint_every = 2
     c.log.sample_every = 3
     tiny_log(c.log)
-  elif variant:
-    raise ValueError(f"unknown variant '{variant}'; choose '' or 'tiny'")
   c.lock()
   return c

@@ -22,7 +22,9 @@ numbers).
 
 import ml_collections
 
-from configs.common import data_path, loop_config, tiny_log
+from configs.common import check_variant, data_path, loop_config, tiny_log
+
+VARIANTS = ("", "default", "cgn", "baseline", "tiny", "tiny_baseline")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -79,6 +81,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "train_classifier_imagenet"
   c.seed = 0                       # train_classifier.py --seed (default None: unseeded)
@@ -122,7 +125,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.cf_ratio = 0.0 if variant == "tiny_baseline" else 1.0
     c.eval.model_name = "IN" if variant == "tiny_baseline" else "IN+CGN"
     c.log.every_steps = 3
-  else:
-    raise ValueError(f"unknown variant '{variant}'; choose '', 'baseline', 'tiny' or 'tiny_baseline'")
   c.lock()
   return c

@@ -21,14 +21,17 @@ from ``data.imagenet_a_dir`` / ``data.sketch_dir``.
 
 import ml_collections
 
+from configs.common import check_variant
 from configs.imagenet_classifier import data_config, eval_config, make_tiny, model_config
 
 TABLES = {"shape_bias": ("imagenet", "shape_bias"), "backgrounds": ("backgrounds",),
           "ood": ("imagenet_a", "sketch"),  # Re-CGN's out-of-distribution sets
           "all": ("imagenet", "shape_bias", "backgrounds")}
+VARIANTS = ("", "default", *TABLES, "tiny", *(f"tiny_{t}" for t in TABLES))
 
 
 def get_config(variant: str = "all") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "evaluate_classifier_imagenet"
   c.seed = 0
@@ -46,9 +49,6 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   table = variant[len("tiny_"):] if variant.startswith("tiny_") else ("all" if tiny else variant)
   if table in ("", "default"):
     table = "all"
-  if table not in TABLES:
-    raise ValueError(f"unknown variant '{variant}'; choose one of {', '.join(TABLES)} or "
-                     f"tiny_<table> / tiny")
   c.sets = TABLES[table]
   if tiny:
     c.allow_random_init = True

@@ -12,15 +12,17 @@
 
 The dataset lands in ``<workdir>/<run_name>/``: ``ims/<run_name>_<i:07d>_x_gen.jpg``, ``labels.csv``
 (``idx,im_name,shape_cls,texture_cls,bg_cls``; the authors' loader reads it with
-``read_csv(index_col=0)``) and ``manifest.json``; rerunning the same command completes an interrupted
-run, and a larger ``n_data`` extends it with the same first images. ``checkpoint`` is the authors'
-``cgn.pth`` (converted once into ``<workdir>/converted``) or a CGN exported by the training job
-(``<train workdir>/cgn``); it brings its own architecture. With the authors' weights expect their
-counterfactuals (shape of one class, texture of another, background of a third); a sheet shows
-``x_gen`` (and, for ``interp`` shape/text/bg, that mechanism's output) over ``midpoints + 2``
-columns. ``:tiny`` (random weights of configs/imagenet.py:tiny's 32-px architecture) writes 10
-images in about a minute on a busy 2-core CPU, nearly all of it compilation (a rerun finds them
-complete and returns in seconds): it shows the plumbing, not images.
+``read_csv(index_col=0)``) and ``manifest.json``, and beside it ``<run_name>_preview.png`` (its
+first 16 images); rerunning the same command completes an interrupted run (killed at any point: the
+same files as an uninterrupted one), a larger ``n_data`` extends it with the same first images, and
+other settings or other checkpoint bytes under the same path are refused. ``checkpoint`` is the
+authors' ``cgn.pth`` (converted once per content into ``<workdir>/converted/<sha256[:16]>``) or a
+CGN exported by the training job (``<train workdir>/cgn``); it brings its own architecture. With the
+authors' weights expect their counterfactuals (shape of one class, texture of another, background of
+a third); a sheet shows ``x_gen`` (and, for ``interp`` shape/text/bg, that mechanism's output) over
+``midpoints + 2`` columns. ``:tiny`` (random weights of configs/imagenet.py:tiny's 32-px
+architecture) writes 10 images in about a minute on a busy 2-core CPU, nearly all of it compilation
+(a rerun finds them complete and returns in seconds): it shows the plumbing, not images.
 """
 
 import ml_collections

@@ -10,11 +10,14 @@ import os
 
 import ml_collections
 
-from configs.common import DATA_DIR, loop_config, tiny_log
+from configs.common import DATA_DIR, check_variant, loop_config, tiny_log
+
+VARIANTS = ("", "default", "re", "tiny")
 
 
 def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, init_gain: float,
                disc: str, ndf: int, variant: str) -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "train_cgn_mnist"
   c.dataset = dataset                      # TRAIN.DATASET
@@ -70,7 +73,5 @@ def cgn_config(dataset: str, mask: float, perc: list[float], init_type: str, ini
     c.log.sample_every = 12
     c.log.checkpoint_every = 6
     tiny_log(c.log)
-  else:
-    raise ValueError(f"unknown variant '{variant}'; choose '', 're' or 'tiny'")
   c.lock()
   return c

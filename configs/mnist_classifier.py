@@ -14,10 +14,13 @@ is high (paper: 95.1 / 89.0 / 85.7 for colored / double-colored / wildlife). Res
 
 import ml_collections
 
-from configs.common import DATA_DIR, loop_config, tiny_log
+from configs.common import DATA_DIR, check_variant, loop_config, tiny_log
+
+VARIANTS = ("", "tiny")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "train_classifier"
   c.dataset = "double_colored_MNIST"   # --dataset (its real test split is always the test set)
@@ -45,7 +48,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval_batch_size = 128
     c.epochs = 3
     tiny_log(c.log)
-  elif variant:
-    raise ValueError(f"unknown variant '{variant}'")
   c.lock()
   return c

@@ -7,7 +7,9 @@ colour and black backgrounds, as in ``configs/mnist_sample.py`` with the authors
 Variants: ``:re`` (SSIM + colour jitter of the [Re] report), ``:tiny`` (tests, seconds).
 """
 
-from configs.mnist_base import cgn_config
+from configs.mnist_base import VARIANTS, cgn_config
+
+__all__ = ["VARIANTS", "get_config"]
 
 
 def get_config(variant: str = ""):

@@ -6,7 +6,9 @@
 foreground and the background colour per class. Variants: ``:re``, ``:tiny``.
 """
 
-from configs.mnist_base import cgn_config
+from configs.mnist_base import VARIANTS, cgn_config
+
+__all__ = ["VARIANTS", "get_config"]
 
 
 def get_config(variant: str = ""):

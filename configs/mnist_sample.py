@@ -14,19 +14,21 @@ import os
 
 import ml_collections
 
-from configs.common import DATA_DIR
+from configs.common import DATA_DIR, check_variant
+
+# The variant names the published checkpoint; ``tiny`` has none (random weights).
+_CHECKPOINTS = {"colored": "colored_MNIST", "double_colored": "double_colored_MNIST",
+                "wildlife": "wildlife_MNIST", "tiny": ""}
+VARIANTS = tuple(_CHECKPOINTS)
 
 
 def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
-  names = {"colored": "colored_MNIST", "double_colored": "double_colored_MNIST",
-           "wildlife": "wildlife_MNIST", "tiny": ""}
-  if variant not in names:
-    raise ValueError(f"unknown variant '{variant}'; choose one of {', '.join(names)}")
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "sample_mnist"
   c.data_dir = DATA_DIR
-  c.checkpoint = (os.path.join(DATA_DIR, "pretrained", "mnist_cgn", f"{names[variant]}.pth")
-                  if names[variant] else "")
+  c.checkpoint = (os.path.join(DATA_DIR, "pretrained", "mnist_cgn", f"{_CHECKPOINTS[variant]}.pth")
+                  if _CHECKPOINTS[variant] else "")
   c.seed = 0
   c.n_per_class = 2
   c.sheet_name = "mnist_cgn_sheet.png"

@@ -7,7 +7,9 @@ veined backgrounds per class. (Upstream issue #3: retraining with this cfg gives
 accuracy vs the shipped checkpoint.) Variants: ``:re``, ``:tiny``.
 """
 
-from configs.mnist_base import cgn_config
+from configs.mnist_base import VARIANTS, cgn_config
+
+__all__ = ["VARIANTS", "get_config"]
 
 
 def get_config(variant: str = ""):

@@ -8,6 +8,8 @@ that every family fails the same way: one line naming the offending key.
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -26,8 +28,16 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   state dict does not need, so a crafted file cannot run code.
   """
   from converters import torch_reader  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "cgn_meta.json")):
+      raise ConversionError(f"{path} is a converted checkpoint already; use it as it is")
+    raise ConversionError(f"{path} is a folder; give the .pth/.bin file (torch.save output) in it")
   if not os.path.isfile(path):
     raise ConversionError(f"no such file: {path}")
+  kind = not_torch(path)
+  if kind:
+    raise ConversionError(f"{path} is {kind}, not a torch checkpoint; give the authors' .pth/.bin "
+                          f"(a file written by torch.save)")
   obj = torch_reader.read(path)
   if isinstance(obj, Mapping) and not _is_state_dict(obj):
     for key in ("state_dict", "model", "generator"):
@@ -38,6 +48,49 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
   return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in obj.items()}
+
+
+def not_torch(path: str) -> str | None:
+  """What the file at ``path`` is when its first bytes show it cannot be a ``torch.save`` file
+  (``"a numpy .npz archive (arrays x, y)"``), else None. A truncated torch file is left to the
+  reader, whose message says so."""
+  size = os.path.getsize(path)
+  if size == 0:
+    return "an empty file (0 bytes)"
+  with open(path, "rb") as f:
+    head = f.read(4096)
+  if zipfile.is_zipfile(path):
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+      return None
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+      return None
+    if names and all(n.endswith(".npy") for n in names):
+      arrays = ", ".join(n[:-4] for n in names[:4]) + (", ..." if len(names) > 4 else "")
+      return f"a numpy .npz archive (arrays {arrays})"
+    return f"a zip archive without torch's data.pkl ({len(names)} members{_eg(names)})"
+  if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip cut short, or a (legacy torch) pickle
+    return None
+  if head.startswith(b"\x93NUMPY"):
+    return "a numpy .npy array"
+  if head.startswith(b"\x1f\x8b"):
+    return "a gzip file (decompress it first if it holds the .pth)"
+  if head.startswith(b"\x89HDF"):
+    return "an HDF5 file (Keras/h5py)"
+  if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+    return "a safetensors file"
+  if any(b < 32 and b not in (9, 10, 13) for b in head):
+    return f"unrecognised binary data ({size} bytes, starting {head[:8].hex()})"
+  if head.startswith(b"version https://git-lfs"):
+    return "a git-lfs pointer, not the file it stands for (run `git lfs pull`)"
+  first = head.decode("utf-8", "replace").strip().split("\n")[0][:40]
+  return f"a text file (starts {first!r})"
+
+
+def _eg(names: list[str]) -> str:
+  return f", e.g. {names[0]}" if names else ""
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -46,9 +46,10 @@ def convert_state_dict(family: str, state_dict: Mapping[str, np.ndarray]) -> tup
 
 def convert_file(family: str, src: str, dst: str) -> dict[str, Any]:
   """Converts ``src`` (.pth) into the Orbax directory ``dst``; returns the stored metadata."""
-  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
   fn = family_fn(family)
   variables, model_config = fn(load_torch_state_dict(src))
+  # Orbax (and JAX) only once the input is known good: a bad file fails in a fraction of a second.
+  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
   meta = {"family": family, "source": src, "model_config": model_config}
   checkpoints.save_variables(dst, variables, meta)
   return meta

@@ -67,6 +67,20 @@ def test_pipeline_tiny_end_to_end(pipeline_run):
   real = json.load(open(tmp_path / "classifier_real" / "results.json"))
   assert real["final_train_acc"] > 30, real  # chance is 10%
   assert set(res["test_accuracy"]) == {"real", "counterfactual"}
+  # :tiny has no authors' checkpoint: its counterfactuals come from the CGN it trained
+  assert res["counterfactuals"]["generator"] == str(tmp_path / "cgn" / "generator")
+  assert "authors_sheet" not in res
+
+
+def test_quickstart_counterfactuals_come_from_the_authors_cgn(tmp_path):
+  """The default trains the classifier on the authors' CGN; a missing file fails before any stage."""
+  c = quickstart.get_config()
+  assert c.generate.checkpoint.endswith(os.path.join("pretrained", "mnist_cgn", f"{c.cgn.dataset}.pth"))
+  assert c.generate.dataset == c.classifier.dataset == c.cgn.dataset
+  c.generate.checkpoint = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match=r"missing\.pth not found.*generate\.checkpoint=''"):
+    mnist_pipeline.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)
 
 
 def test_counterfactuals_of_a_batch_share_their_mask():

@@ -83,3 +83,33 @@ def test_not_a_torch_file_is_one_line(tmp_path):
   np.savez(npz, a=np.zeros(3))
   with pytest.raises(ConversionError, match="without one data.pkl"):
     torch_reader.read(str(npz))
+
+
+_NO_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # any `import torch` now fails
+sys.argv = ["converters"] + sys.argv[1:]
+runpy.run_module("converters", run_name="__main__")
+"""
+
+
+def test_converting_and_loading_need_no_torch(fixtures_dir, tmp_path):
+  """The install of README command (a) has no torch: conversion and loading must not import it."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from cgn_jax.models import mnist_cgn  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "cgn"
+  src = os.path.join(fixtures_dir, "mnist_cgn_double_colored_MNIST.pth")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "mnist_cgn", src, str(out)], cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # the same variables as the in-process conversion (whose parity tests/test_mnist_parity.py checks)
+  _, ours = mnist_cgn.load(str(out))
+  _, ref = mnist_cgn.load(src, str(tmp_path / "cache"))
+  flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(ours), flat(ref)
+  assert a.keys() == b.keys() and len(a) > 20
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -23,7 +23,9 @@ def variant_dir(config: Any, workdir: str, field: str = "dataset_dir") -> str:
   built from raw MNIST on first use."""
   out = config.get(field) or os.path.join(workdir, "data", config.dataset)
   limit = config.dataset_limit if config.dataset_limit > 0 else None
-  build.build_variant(config.dataset, config.data_dir, out, seed=config.data_seed, limit=limit)
+  # Process 0 builds, the others wait and then find it built (a shared workdir is written once).
+  parallel.main_process_first(f"build {out}", lambda: build.build_variant(
+      config.dataset, config.data_dir, out, seed=config.data_seed, limit=limit))
   return out
 
 

@@ -9,6 +9,7 @@ also found one level up, next to ``data_dir``, or given explicitly), and writes 
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from typing import Any
@@ -21,6 +22,9 @@ from cgn_jax.data import storage
 from cgn_jax.data.storage import DataError
 
 COLORS_FILE = os.path.join("colors", "mnist_variant_colors.json")
+TEXTURES_PER_KIND = 10  # one object and one background texture per class
+_FIX = ("point --config.data_dir at the folder that holds mnist/, textures/ and colors/ (the "
+        "project's shared/data, laid out like the authors' mnists/data)")
 
 
 def _beside(data_dir: str, rel: str) -> str | None:
@@ -36,6 +40,27 @@ def default_paths(data_dir: str) -> dict[str, str | None]:
           "colors_path": _beside(data_dir, COLORS_FILE)}
 
 
+def check_sources(name: str, data_dir: str, textures_dir: str | None = None,
+                  source: str = "auto") -> None:
+  """Raises one DataError naming every input file that variant ``name`` lacks, before any work."""
+  path = os.path.abspath(data_dir)
+  if not os.path.isdir(path):
+    raise DataError(f"--config.data_dir={path} does not exist; {_FIX}")
+  missing = []
+  try:
+    mnist_idx.locate(data_dir, source)
+  except DataError:
+    missing.append(f"the MNIST IDX files ({mnist_idx.FILE_NAMES}, in it or in mnist/)")
+  if name == "wildlife_MNIST":
+    textures_dir = textures_dir or default_paths(data_dir)["textures_dir"]
+    for kind in ("object", "background"):
+      found = len(glob.glob(os.path.join(textures_dir, kind, "*.jpg"))) if textures_dir else 0
+      if found != TEXTURES_PER_KIND:
+        missing.append(f"textures/{kind}/*.jpg ({TEXTURES_PER_KIND} files, found {found})")
+  if missing:
+    raise DataError(f"--config.data_dir={path} lacks {'; '.join(missing)}; {_FIX}")
+
+
 def build_arrays(name: str, data_dir: str, *, seed: int = 0, limit: int | None = None,
                  textures_dir: str | None = None, colors_path: str | None = None,
                  source: str = "auto", splits: tuple[str, ...] = ("train", "test")
@@ -47,15 +72,13 @@ def build_arrays(name: str, data_dir: str, *, seed: int = 0, limit: int | None =
   """
   if name not in mv.VARIANTS:
     raise ValueError(f"unknown MNIST variant {name!r}; choose one of {mv.VARIANTS}")
+  check_sources(name, data_dir, textures_dir, source)
   defaults = default_paths(data_dir)
   colors_path = colors_path or defaults["colors_path"]
   colors = mv.load_colors(colors_path)
   textures = None
   if name == "wildlife_MNIST":
     textures_dir = textures_dir or defaults["textures_dir"]
-    if textures_dir is None:
-      raise DataError(f"no textures/ folder in or beside {os.path.abspath(data_dir)}; pass "
-                      "textures_dir=<the authors' mnists/data/textures>")
     textures = mv.load_textures(textures_dir)
   mnist_train = mnist_idx.load_mnist(data_dir, "train", source=source)
   mnist_test = (mnist_idx.load_mnist(data_dir, "test", source=source)

@@ -4,19 +4,27 @@ The layout is the authors' (imagenet/generate_data.py writes it, their ImagenetC
 reads it with ``read_csv(labels.csv, index_col=0)``): ``ims/<im_name>_x_gen.jpg`` and
 ``labels.csv`` with the columns ``idx,im_name,shape_cls,texture_cls,bg_cls``. Every write is atomic
 and a torn last CSV line is repaired, so the generation job can resume per index
-(cgn_jax/jobs/generate_imagenet.py).
+(cgn_jax/jobs/generate_imagenet.py); :func:`remove_leftovers` deletes the temporary files of writes
+that a kill interrupted. Beside the run directory, ``<run_name>_preview.png`` shows its first
+images.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
 from typing import Any, Callable
 
+import numpy as np
 from absl import logging
+from PIL import Image
 
+from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.data.storage import DataError
+
+PREVIEW_IMAGES = 16
 
 HEADER = "idx,im_name,shape_cls,texture_cls,bg_cls"
 _ROW = re.compile(r"^(\d+),([^,]+),(\d+),(\d+),(\d+)$")
@@ -112,3 +120,27 @@ def merge_label_shards(run_dir: str) -> str:
   path = os.path.join(run_dir, "labels.csv")
   write_rows(path, dict(sorted(rows.items())))
   return path
+
+
+def remove_leftovers(run_dir: str) -> list[str]:
+  """Removes the temporary files of killed writes in ``run_dir`` (manifest, labels, sheets:
+  ``atomic_write``'s ``.NAME.XXXX.tmp``, ``save_image_grid``'s ``.NAME.png.XXXX.png``) and of its
+  preview beside it; the image folder's are :func:`present_images`' (per process). Call it while
+  no other process writes there."""
+  parent, name = os.path.split(os.path.abspath(run_dir))
+  here, there = glob.escape(run_dir), glob.escape(parent)
+  stale = (glob.glob(os.path.join(here, ".*.tmp"))
+           + glob.glob(os.path.join(here, "sheets", ".*.png"))
+           + glob.glob(os.path.join(there, f".{glob.escape(name)}_preview.png.*.png")))
+  for path in stale:
+    os.remove(path)
+  return stale
+
+
+def write_preview(path: str, ims_dir: str, run_name: str, n_data: int) -> str:
+  """A PNG grid of the first images (8 per row) of a run, as stored (JPEG pixels)."""
+  images = []
+  for i in range(min(n_data, PREVIEW_IMAGES)):
+    with Image.open(os.path.join(ims_dir, image_name(run_name, i) + "_x_gen.jpg")) as im:
+      images.append(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1)
+  return save_image_grid(path, np.stack(images), nrow=8)

@@ -42,7 +42,9 @@ SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-_HINT = "point data_dir (--config.data_dir) at a folder holding the four MNIST IDX .gz files"
+FILE_NAMES = ", ".join(name + ".gz" for name in _FILES.values())
+_HINT = (f"point --config.data_dir at the folder that holds the four MNIST IDX files ({FILE_NAMES}; "
+         f"in it or in its mnist/ subfolder), e.g. the project's shared/data")
 _DTYPE_CODES = {0x08: np.uint8}  # the only IDX element type MNIST uses
 
 
@@ -51,8 +53,12 @@ def find_mnist_dir(data_dir: str) -> str:
   for cand in (data_dir, os.path.join(data_dir, "mnist"), os.path.join(data_dir, "MNIST", "raw")):
     if _idx_path(cand, _FILES[("train", "images")]) is not None:
       return cand
-  raise DataError(f"no MNIST IDX files (train-images-idx3-ubyte[.gz] ...) in "
-                  f"{os.path.abspath(data_dir)} or its mnist/ subfolder; {_HINT}")
+  raise DataError(f"no MNIST IDX files in {_where(data_dir)} or its mnist/ subfolder; {_HINT}")
+
+
+def _where(data_dir: str) -> str:
+  path = os.path.abspath(data_dir)
+  return path if os.path.isdir(path) else f"{path} (which does not exist)"
 
 
 def _idx_path(folder: str, name: str) -> str | None:
@@ -180,8 +186,8 @@ def load_mnist_tfds(tfds_data_dir: str, split: str) -> tuple[np.ndarray, np.ndar
   return images, labels
 
 
-def load_mnist(data_dir: str, split: str, *, source: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-  """MNIST ``split`` in original order from ``data_dir``.
+def locate(data_dir: str, source: str = "auto") -> tuple[str, str]:
+  """Where ``load_mnist`` reads MNIST from: ``("idx", folder)`` or ``("tfds", tfds data dir)``.
 
   source: 'idx' (the IDX files, see ``find_mnist_dir``), 'tfds' (``data_dir`` or ``data_dir/tfds``
   is a TFDS data dir with a prepared 'mnist'), or 'auto' (IDX if present, else TFDS).
@@ -189,22 +195,27 @@ def load_mnist(data_dir: str, split: str, *, source: str = "auto") -> tuple[np.n
   if source not in ("auto", "idx", "tfds"):
     raise ValueError(f"source must be 'auto', 'idx' or 'tfds', got {source!r}")
   if source == "idx":
-    return load_mnist_idx(data_dir, split)
+    return "idx", find_mnist_dir(data_dir)
   if source == "auto":
     try:
-      find_mnist_dir(data_dir)
+      return "idx", find_mnist_dir(data_dir)
     except DataError:
       pass
-    else:  # IDX files are there: their errors (corrupt file, ...) are the user's to see
-      return load_mnist_idx(data_dir, split)
   for cand in (data_dir, os.path.join(data_dir, "tfds")):
     versions = os.path.join(cand, "mnist")
     if os.path.isdir(versions) and any(re.fullmatch(r"\d+\.\d+\.\d+", v) and
                                        os.path.isdir(os.path.join(versions, v))
                                        for v in os.listdir(versions)):
-      return load_mnist_tfds(cand, split)
+      return "tfds", cand
   if source == "tfds":
-    raise DataError(f"no prepared TFDS 'mnist' (mnist/<version>/) in {os.path.abspath(data_dir)} "
-                    "or its tfds/ subfolder")
-  raise DataError(f"neither MNIST IDX files nor a prepared TFDS 'mnist' under "
-                  f"{os.path.abspath(data_dir)}; {_HINT}")
+    raise DataError(f"no prepared TFDS 'mnist' (mnist/<version>/) in {_where(data_dir)} or its "
+                    "tfds/ subfolder")
+  raise DataError(f"neither MNIST IDX files nor a prepared TFDS 'mnist' in {_where(data_dir)}; "
+                  f"{_HINT}")
+
+
+def load_mnist(data_dir: str, split: str, *, source: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+  """MNIST ``split`` in original order from ``data_dir`` (found by ``locate``, same ``source``)."""
+  kind, where = locate(data_dir, source)
+  # Once the IDX files are there, their errors (a corrupt file, ...) are the user's to see.
+  return load_mnist_idx(data_dir, split) if kind == "idx" else load_mnist_tfds(where, split)

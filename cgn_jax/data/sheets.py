@@ -51,6 +51,7 @@ def save_image_grid(path: str, images: np.ndarray, nrow: int, **kwargs) -> str:
   try:
     with os.fdopen(fd, "wb") as f:
       Image.fromarray(grid).save(f, format="PNG")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make every sheet unreadable to other users
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

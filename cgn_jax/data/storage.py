@@ -22,16 +22,31 @@ Image encodings (``manifest['image']['encoding']``):
   Used where the recipe produces non-integer values (Double-colored MNIST's colour noise, CGN
   outputs).
 
-Every write goes into a hidden sibling directory (``.NAME.incomplete-XXXX``) that is renamed into
-place only after the manifest is written there, so ``path`` either does not exist or is complete.
-An interrupted write leaves only that sibling behind (safe to delete).
+``DatasetWriter`` writes a dataset in one go into a hidden sibling directory
+(``.NAME.incomplete-XXXX``) that is renamed into place only after the manifest is written there, so
+``path`` either does not exist or is complete; an interrupted write leaves only that sibling
+(safe to delete, and :func:`remove_leftovers` does).
+
+``PartWriter`` writes a dataset over several runs (a generation job that may be killed), one part
+per process: every part goes into the one deterministic staging directory ``.NAME.incomplete``
+(part ``''``: ``train-00000...``; part ``p001``: ``train-p001-00000...``) and, after each complete
+shard, rewrites its progress record ``progress.json`` / ``progress-p001.json`` atomically. A rerun
+whose fingerprint (what determines the content) equals the record's keeps the recorded shards and
+continues after them; anything else of that part is dropped. Once every part is closed, one process
+calls :func:`install_parts`: the records are merged into the manifest (parts in the given order,
+their shards listed part by part) and the directory is moved into place, replacing an older dataset
+only then. Parts whose rows interleave in the dataset's order (each process holds some rows of
+every batch) also get ``train.order.npy``, each stored row's position: ``read_split`` returns the
+rows in the dataset's order (the one a single writer would have stored), ``iter_shards`` as stored.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterator, Mapping, Sequence
@@ -41,10 +56,12 @@ import numpy as np
 FORMAT = "cgn_jax.dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_ORDER = "order"  # <split>.order.npy: each stored row's position, when writers interleave
 _SHARD_BYTES = 256 * 2**20  # images per shard chosen so that one shard holds about this many bytes
 _RESERVED = ("format", "format_version", "image", "label_columns", "target", "splits",
-             "created_utc")
+             "created_utc", "fingerprint")
 _ENCODINGS = {"uint8": "uint8_unit", "float16": "float_signed", "float32": "float_signed"}
+_STAGING = ".incomplete"
 
 
 class DataError(Exception):
@@ -73,61 +90,24 @@ def encode_uint8(images_signed: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-class DatasetWriter:
-  """Streams (images, labels) chunks of one or more splits into a dataset directory.
+class _ShardFiles:
+  """Encoding, label tables, shard files and their bookkeeping in one folder (both writers)."""
 
-  Use as a context manager (an exception aborts and removes the partial output) or call
-  ``close()``; nothing appears at ``path`` before ``close()`` succeeds.
-
-  Args:
-    path: the dataset directory to create.
-    meta: JSON-able provenance stored at the manifest's top level, e.g. ``name``, ``seed``,
-      ``recipe_version``, ``source``.
-    image_dtype: 'uint8' (images given as uint8 are stored as-is; float images in [-1, 1] are
-      quantised to the nearest code and the manifest says ``quantized``), 'float16' or 'float32'
-      (float images in [-1, 1] stored as they are).
-    label_columns: names of the label columns when labels are passed as a 2-D (n, K) array.
-    target: the column that ``read_xy`` returns as the classification label (default: 'label' if
-      there is such a column, else the first).
-    shard_size: images per shard (default: about 256 MB per shard).
-    overwrite: replace an existing dataset at ``path`` (only ever one that has a manifest).
-  """
-
-  def __init__(self, path: str, meta: Mapping[str, Any] | None = None, *,
-               image_dtype: str = "uint8",
-               label_columns: Sequence[str] | None = None, target: str | None = None,
-               shard_size: int | None = None, overwrite: bool = False):
+  def __init__(self, folder: str, image_dtype: str, label_columns: Sequence[str] | None,
+               shard_size: int | None, part: str = ""):
     if image_dtype not in _ENCODINGS:
       raise ValueError(f"image_dtype must be one of {sorted(_ENCODINGS)}, got {image_dtype!r}")
-    meta = dict(meta or {})
-    clash = sorted(set(meta) & set(_RESERVED))
-    if clash:
-      raise ValueError(f"meta keys {clash} are reserved by the manifest")
-    self.path = os.path.abspath(path)
-    if os.path.exists(self.path) and not overwrite:
-      raise DataError(f"{self.path} exists already; remove it, pass overwrite=True, or choose "
-                      "another path")
-    if os.path.exists(self.path) and not os.path.isfile(os.path.join(self.path, MANIFEST)):
-      raise DataError(f"{self.path} exists and is not a cgn_jax dataset; refusing to replace it")
-    self._meta = meta
+    self._folder = folder
     self._dtype = np.dtype(image_dtype)
     self._columns = list(label_columns) if label_columns is not None else None
-    self._target = target
     self._shard_size = shard_size
+    self._part = part
     self._image_shape: tuple[int, ...] | None = None
     self._quantized = False
     self._splits: dict[str, dict[str, Any]] = {}
     self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    parent = os.path.dirname(self.path)
-    os.makedirs(parent, exist_ok=True)
-    self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.incomplete-", dir=parent)
-    os.chmod(self._tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
-    self._open = True
 
-  def add(self, images: np.ndarray, labels: Any, split: str = "train") -> None:
-    """Appends a chunk to ``split``; labels: 1-D array, (n, K) array or dict of named columns."""
-    if not self._open:
-      raise RuntimeError("writer is closed")
+  def _add(self, images: np.ndarray, labels: Any, split: str) -> None:
     if not split or "/" in split or "." in split or "-" in split:
       raise ValueError(f"bad split name {split!r}")
     images = np.asarray(images)
@@ -145,49 +125,11 @@ class DatasetWriter:
     self._pending.setdefault(split, []).append((images, table))
     self._flush(split, final=False)
 
-  def close(self) -> str:
-    """Writes the remaining shards and the manifest, then moves the dataset into place."""
-    if not self._open:
-      return self.path
-    try:
-      for split in list(self._pending):
-        self._flush(split, final=True)
-      if not self._splits:
-        raise ValueError("nothing was added")
-      if self._target is None:
-        self._target = "label" if "label" in self._columns else self._columns[0]
-      if self._target not in self._columns:
-        raise ValueError(f"target {self._target!r} is not a label column {self._columns}")
-      manifest = dict(self._meta)
-      manifest.update(
-          format=FORMAT, format_version=FORMAT_VERSION,
-          created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          image={"shape": list(self._image_shape), "dtype": self._dtype.name, "layout": "NHWC",
-                 "encoding": _ENCODINGS[self._dtype.name], "quantized": self._quantized},
-          label_columns=self._columns, target=self._target, splits=self._splits)
-      _write_json(os.path.join(self._tmp, MANIFEST), manifest)
-      self._install()
-    except BaseException:
-      self.abort()
-      raise
-    self._open = False
-    return self.path
-
-  def abort(self) -> None:
-    """Drops everything written so far."""
-    self._open = False
-    shutil.rmtree(self._tmp, ignore_errors=True)
-
-  def __enter__(self) -> "DatasetWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
-
-  # -- internals ---------------------------------------------------------------------------------
+  def _image_info(self) -> dict[str, Any] | None:
+    if self._image_shape is None:
+      return None
+    return {"shape": list(self._image_shape), "dtype": self._dtype.name, "layout": "NHWC",
+            "encoding": _ENCODINGS[self._dtype.name], "quantized": self._quantized}
 
   def _encode(self, images: np.ndarray) -> np.ndarray:
     if self._dtype == np.uint8:
@@ -238,31 +180,419 @@ class DatasetWriter:
     self._pending[split] = chunks
 
   def _write_shard(self, split: str, images: np.ndarray, table: np.ndarray) -> None:
-    info = self._splits.setdefault(split, {"count": 0, "label_histogram": {}, "shards": []})
-    stem = f"{split}-{len(info['shards']):05d}"
+    info = self._splits.setdefault(split, _empty_info())
+    stem = f"{split}-{self._part + '-' if self._part else ''}{len(info['shards']):05d}"
     for suffix, arr in (("images", images), ("labels", table)):
-      final = os.path.join(self._tmp, f"{stem}.{suffix}.npy")
-      with open(final + ".part", "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-      os.replace(final + ".part", final)
-    info["shards"].append({"stem": stem, "count": int(len(images)),
-                           "bytes": os.path.getsize(os.path.join(self._tmp, stem + ".images.npy"))})
+      _write_npy(os.path.join(self._folder, f"{stem}.{suffix}.npy"), arr)
+    size = os.path.getsize(os.path.join(self._folder, stem + ".images.npy"))
+    info["shards"].append({"stem": stem, "count": int(len(images)), "bytes": size})
     info["count"] += int(len(images))
     hist = info["label_histogram"]
     for i, name in enumerate(self._columns):
-      new = np.bincount(table[:, i])
-      old = np.asarray(hist.get(name, []), np.int64)
-      m = max(len(new), len(old))
-      hist[name] = (np.pad(old, (0, m - len(old))) + np.pad(new, (0, m - len(new)))).tolist()
+      hist[name] = _sum_histograms(hist.get(name, []), np.bincount(table[:, i]))
 
-  def _install(self) -> None:
-    if os.path.exists(self.path):  # overwrite=True and checked to be a dataset in __init__
-      old = self._tmp + ".old"
-      os.rename(self.path, old)
-      os.rename(self._tmp, self.path)
-      shutil.rmtree(old, ignore_errors=True)
+
+class DatasetWriter(_ShardFiles):
+  """Streams (images, labels) chunks of one or more splits into a dataset directory.
+
+  Use as a context manager (an exception aborts and removes the partial output) or call
+  ``close()``; nothing appears at ``path`` before ``close()`` succeeds.
+
+  Args:
+    path: the dataset directory to create.
+    meta: JSON-able provenance stored at the manifest's top level, e.g. ``name``, ``seed``,
+      ``recipe_version``, ``source``.
+    image_dtype: 'uint8' (images given as uint8 are stored as-is; float images in [-1, 1] are
+      quantised to the nearest code and the manifest says ``quantized``), 'float16' or 'float32'
+      (float images in [-1, 1] stored as they are).
+    label_columns: names of the label columns when labels are passed as a 2-D (n, K) array.
+    target: the column that ``read_xy`` returns as the classification label (default: 'label' if
+      there is such a column, else the first).
+    shard_size: images per shard (default: about 256 MB per shard).
+    overwrite: replace an existing dataset at ``path`` (only ever one that has a manifest).
+  """
+
+  def __init__(self, path: str, meta: Mapping[str, Any] | None = None, *,
+               image_dtype: str = "uint8",
+               label_columns: Sequence[str] | None = None, target: str | None = None,
+               shard_size: int | None = None, overwrite: bool = False):
+    if image_dtype not in _ENCODINGS:
+      raise ValueError(f"image_dtype must be one of {sorted(_ENCODINGS)}, got {image_dtype!r}")
+    meta = dict(meta or {})
+    _check_meta(meta)
+    self.path = os.path.abspath(path)
+    if os.path.exists(self.path) and not overwrite:
+      raise DataError(f"{self.path} exists already; remove it, pass overwrite=True, or choose "
+                      "another path")
+    check_replaceable(self.path)
+    self._meta = meta
+    self._target = target
+    parent = os.path.dirname(self.path)
+    os.makedirs(parent, exist_ok=True)
+    self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}{_STAGING}-", dir=parent)
+    os.chmod(self._tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
+    super().__init__(self._tmp, image_dtype, label_columns, shard_size)
+    self._open = True
+
+  def add(self, images: np.ndarray, labels: Any, split: str = "train") -> None:
+    """Appends a chunk to ``split``; labels: 1-D array, (n, K) array or dict of named columns."""
+    if not self._open:
+      raise RuntimeError("writer is closed")
+    self._add(images, labels, split)
+
+  def close(self) -> str:
+    """Writes the remaining shards and the manifest, then moves the dataset into place."""
+    if not self._open:
+      return self.path
+    try:
+      for split in list(self._pending):
+        self._flush(split, final=True)
+      if not self._splits:
+        raise ValueError("nothing was added")
+      manifest = _manifest(self._meta, self._image_info(), self._columns, self._target,
+                           self._splits)
+      _write_json(os.path.join(self._tmp, MANIFEST), manifest)
+      _move_into_place(self._tmp, self.path)
+    except BaseException:
+      self.abort()
+      raise
+    self._open = False
+    return self.path
+
+  def abort(self) -> None:
+    """Drops everything written so far."""
+    self._open = False
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self) -> "DatasetWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
     else:
-      os.rename(self._tmp, self.path)
+      self.abort()
+
+
+class PartWriter(_ShardFiles):
+  """One process's part of one split of a dataset built over one or more runs (resumable).
+
+  Unlike ``DatasetWriter`` an error or a kill leaves what is written: the next ``PartWriter`` of
+  the same ``path``, ``part`` and ``fingerprint`` continues after the last complete shard
+  (``rows`` says how many images that part already holds). The caller feeds the remaining rows in
+  the same order, ``close()``s, and one process then calls :func:`install_parts`.
+
+  Args:
+    path: the dataset directory (it appears only at :func:`install_parts`).
+    fingerprint: JSON-able description of everything that determines the content; a record with
+      another fingerprint is discarded, and the manifest stores it for reuse checks.
+    part: ``''`` for a single writer, else a name unique among the writers (``p003``).
+    split: the split this part writes.
+    image_dtype, label_columns, shard_size: as for ``DatasetWriter``.
+  """
+
+  def __init__(self, path: str, fingerprint: Mapping[str, Any], *, part: str = "",
+               split: str = "train", image_dtype: str = "uint8",
+               label_columns: Sequence[str] | None = None, shard_size: int | None = None):
+    if part and not re.fullmatch(r"[a-z0-9]+", part):
+      raise ValueError(f"part {part!r} must be lower-case letters and digits")
+    self.path = os.path.abspath(path)
+    self.split = split
+    staging = staging_dir(self.path)
+    os.makedirs(staging, exist_ok=True)
+    super().__init__(staging, image_dtype, label_columns, shard_size, part)
+    self._fingerprint = _normalized(fingerprint)
+    self._record_path = os.path.join(staging, _record_name(part))
+    self.complete = False
+    record = _read_record(self._record_path)
+    if record is not None and self._accepts(record):
+      self._image_shape = tuple(record["image"]["shape"]) if record["image"] else None
+      self._quantized = bool(record["image"] and record["image"]["quantized"])
+      self._columns = record["label_columns"]
+      self._shard_size = record["shard_size"]
+      self._splits = {split: record["info"]}
+      self.complete = bool(record["complete"])
+    keep = {self._record_path} | {os.path.join(staging, f"{s['stem']}.{k}.npy")
+                                  for s in self._splits.get(split, _empty_info())["shards"]
+                                  for k in ("images", "labels")}
+    mine = _part_file_pattern(split, part)
+    for name in os.listdir(staging):  # shards past the record, .part files, another run's part
+      full = os.path.join(staging, name)
+      if mine.match(name) and full not in keep:
+        os.remove(full)
+    if not self._splits:
+      self._save_record()
+
+  @property
+  def rows(self) -> int:
+    """Images this part holds in complete shards."""
+    return self._splits.get(self.split, _empty_info())["count"]
+
+  def add(self, images: np.ndarray, labels: Any) -> None:
+    """Appends rows; complete shards (and the record) are written as they fill."""
+    if self.complete:
+      raise RuntimeError(f"part {self._part!r} of {self.path} is complete")
+    self._add(images, labels, self.split)
+
+  def close(self) -> None:
+    """Writes the last (short) shard and marks the part complete."""
+    if not self.complete:
+      self._flush(self.split, final=True)
+      self.complete = True
+      self._save_record()
+
+  def _write_shard(self, split: str, images: np.ndarray, table: np.ndarray) -> None:
+    super()._write_shard(split, images, table)
+    self._save_record()
+
+  def _save_record(self) -> None:
+    _write_json(self._record_path, {
+        "format": FORMAT, "fingerprint": self._fingerprint, "part": self._part,
+        "split": self.split, "complete": self.complete, "image": self._image_info(),
+        "label_columns": self._columns, "shard_size": self._shard_size,
+        "info": self._splits.get(self.split, _empty_info())})
+
+  def _accepts(self, record: Mapping[str, Any]) -> bool:
+    if (record.get("format") != FORMAT or record.get("fingerprint") != self._fingerprint
+        or record.get("split") != self.split or record.get("part") != self._part):
+      return False
+    for shard in record["info"]["shards"]:  # a listed shard must still be there, whole
+      base = os.path.join(self._folder, shard["stem"])
+      if (not os.path.isfile(base + ".labels.npy") or not os.path.isfile(base + ".images.npy")
+          or os.path.getsize(base + ".images.npy") != shard["bytes"]):
+        return False
+    return True
+
+
+def staging_dir(path: str) -> str:
+  """Where ``PartWriter`` builds the dataset ``path``: the hidden sibling ``.NAME.incomplete``."""
+  path = os.path.abspath(path)
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{_STAGING}")
+
+
+def dataset_state(path: str, fingerprint: Mapping[str, Any]) -> str:
+  """``'complete'`` (``path`` holds a dataset of this fingerprint), ``'staged'`` (it is complete in
+  the staging directory, only not yet moved into place) or ``'todo'``."""
+  want = _normalized(fingerprint)
+  for state, folder in (("complete", os.path.abspath(path)), ("staged", staging_dir(path))):
+    try:
+      with open(os.path.join(folder, MANIFEST)) as f:
+        if json.load(f).get("fingerprint") == want:
+          return state
+    except (OSError, ValueError):
+      pass
+  return "todo"
+
+
+def install_parts(path: str, meta: Mapping[str, Any], parts: Sequence[str], *,
+                  split: str = "train", target: str | None = None,
+                  order: np.ndarray | None = None) -> str:
+  """Merges the closed parts' records into the manifest and moves the dataset into place.
+
+  Call once (one process), after every part's ``close()``. Files of the staging directory that no
+  record lists (another run's parts, records) are removed first. ``order[r]`` is the position of
+  stored row ``r`` (the parts' rows one after the other) in the dataset's order, when the parts
+  interleave (rows of several processes): ``read_split`` returns the rows in that order. Returns
+  ``path``.
+  """
+  meta = dict(meta)
+  _check_meta(meta)
+  path = os.path.abspath(path)
+  staging = staging_dir(path)
+  records = []
+  for part in parts:
+    record = _read_record(os.path.join(staging, _record_name(part)))
+    if record is None or not record["complete"]:
+      raise DataError(f"part {part or '(single)'} of {path} is not complete; rerun the job")
+    records.append(record)
+  if len({json.dumps(r["fingerprint"], sort_keys=True) for r in records}) != 1:
+    raise DataError(f"the parts of {path} were written by different runs; rerun the job")
+  full = [r for r in records if r["info"]["count"]]
+  if not full:
+    raise ValueError("nothing was added")
+  image = dict(full[0]["image"], quantized=any(r["image"]["quantized"] for r in full))
+  for r in full:
+    if (r["image"]["shape"], r["image"]["dtype"], r["label_columns"]) != (
+        image["shape"], image["dtype"], full[0]["label_columns"]):
+      raise DataError(f"the parts of {path} hold different images or labels; rerun the job")
+  merged = _empty_info()
+  for r in full:
+    merged["count"] += r["info"]["count"]
+    merged["shards"] += r["info"]["shards"]
+    for name, counts in r["info"]["label_histogram"].items():
+      merged["label_histogram"][name] = _sum_histograms(
+          merged["label_histogram"].get(name, []), np.asarray(counts, np.int64))
+  keep = {MANIFEST} | {f"{s['stem']}.{k}.npy" for s in merged["shards"]
+                       for k in ("images", "labels")}
+  if order is not None:
+    order = np.asarray(order, np.int64)
+    if not np.array_equal(np.sort(order), np.arange(merged["count"])):
+      raise ValueError(f"order is not a permutation of the {merged['count']} stored rows")
+    merged["order"] = f"{split}.{_ORDER}.npy"
+    _write_npy(os.path.join(staging, merged["order"]), order)
+    keep.add(merged["order"])
+  manifest = _manifest(meta, image, full[0]["label_columns"], target, {split: merged})
+  manifest["fingerprint"] = records[0]["fingerprint"]
+  _write_json(os.path.join(staging, MANIFEST), manifest)
+  for name in os.listdir(staging):
+    if name not in keep:
+      full_name = os.path.join(staging, name)
+      shutil.rmtree(full_name) if os.path.isdir(full_name) else os.remove(full_name)
+  return install_staged(path)
+
+
+def install_staged(path: str) -> str:
+  """Moves a complete staging directory (manifest written) to ``path``, replacing a dataset."""
+  path = os.path.abspath(path)
+  check_replaceable(path)
+  _move_into_place(staging_dir(path), path)
+  return path
+
+
+def remove_leftovers(path: str) -> list[str]:
+  """Removes what killed writers of ``path`` leave beside it: ``DatasetWriter``'s
+  ``.NAME.incomplete-XXXX`` directories and the replaced copies ``.NAME.old``; returns them."""
+  path = os.path.abspath(path)
+  parent, name = os.path.split(path)
+  stale = re.compile(rf"^\.{re.escape(name)}(\{_STAGING}-.+|\.old)$")
+  removed = []
+  if os.path.isdir(parent):
+    for entry in os.listdir(parent):
+      if stale.match(entry):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        removed.append(os.path.join(parent, entry))
+  return removed
+
+
+def conversion_cache(folder: str, digest: str) -> str:
+  """Where a job converts an authors' file whose ``file_digest`` is ``digest``: one folder per
+  content under ``folder``, because ``loading.converted_dir`` tells conversions apart by file name
+  only, and new bytes under an old name must not be served the old conversion."""
+  return os.path.join(folder, digest[:16])
+
+
+def remove_stale_conversions(folder: str, checkpoint: str, digest: str | None,
+                             family: str) -> list[str]:
+  """Removes, below a jobs' ``converted`` ``folder``, what killed conversions left
+  (``NAME.tmp-XXXX``, checkpoints.save_variables' temporary names) and, for an authors' file
+  ``checkpoint`` of content ``digest``, the conversions of that file name's earlier contents."""
+  if not os.path.isdir(folder):
+    return []
+  old_name = (f"{family}_{os.path.splitext(os.path.basename(checkpoint))[0]}"
+              if checkpoint and os.path.isfile(checkpoint) and digest else None)
+  removed = [os.path.join(folder, e) for e in os.listdir(folder) if ".tmp-" in e]
+  for d in sorted(os.listdir(folder)):
+    sub = os.path.join(folder, d)
+    if not re.fullmatch(r"[0-9a-f]{16}", d) or not os.path.isdir(sub):
+      continue
+    if old_name and d != digest[:16] and os.path.isdir(os.path.join(sub, old_name)):
+      removed.append(sub)
+    else:
+      removed += [os.path.join(sub, e) for e in os.listdir(sub) if ".tmp-" in e]
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a file, or of a directory's files (each one's relative path, size and bytes, in
+  sorted order): what a checkpoint holds, whatever its name or modification time."""
+  h = hashlib.sha256()
+  if os.path.isdir(path):
+    files = sorted(os.path.relpath(os.path.join(d, f), path)
+                   for d, _, names in os.walk(path) for f in names)
+    for rel in files:
+      full = os.path.join(path, rel)
+      h.update(f"{rel}\0{os.path.getsize(full)}\0".encode())
+      _hash_file(h, full)
+  elif os.path.isfile(path):
+    _hash_file(h, path)
+  else:
+    raise FileNotFoundError(f"{path} not found; give an existing checkpoint file or directory")
+  return h.hexdigest()
+
+
+def _hash_file(h, path: str) -> None:
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+
+
+def _empty_info() -> dict[str, Any]:
+  return {"count": 0, "label_histogram": {}, "shards": []}
+
+
+def _sum_histograms(old, new) -> list[int]:
+  old, new = np.asarray(old, np.int64), np.asarray(new, np.int64)
+  m = max(len(new), len(old))
+  return (np.pad(old, (0, m - len(old))) + np.pad(new, (0, m - len(new)))).tolist()
+
+
+def _check_meta(meta: Mapping[str, Any]) -> None:
+  clash = sorted(set(meta) & set(_RESERVED))
+  if clash:
+    raise ValueError(f"meta keys {clash} are reserved by the manifest")
+
+
+def check_replaceable(path: str) -> None:
+  """DataError unless ``path`` is free or holds a dataset (which a writer may then replace)."""
+  if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+    raise DataError(f"{path} exists and is not a cgn_jax dataset; refusing to replace it")
+
+
+def _manifest(meta, image, columns, target, splits) -> dict[str, Any]:
+  if target is None:
+    target = "label" if "label" in columns else columns[0]
+  if target not in columns:
+    raise ValueError(f"target {target!r} is not a label column {columns}")
+  manifest = dict(meta)
+  manifest.update(
+      format=FORMAT, format_version=FORMAT_VERSION,
+      created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      image=image, label_columns=columns, target=target, splits=splits)
+  return manifest
+
+
+def _move_into_place(src: str, path: str) -> None:
+  """Renames ``src`` to ``path``; an existing ``path`` goes aside first and is deleted after."""
+  if os.path.exists(path):
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    if os.path.exists(old):
+      shutil.rmtree(old)
+    os.rename(path, old)
+    os.rename(src, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(src, path)
+
+
+def _record_name(part: str) -> str:
+  return f"progress-{part}.json" if part else "progress.json"
+
+
+def _part_file_pattern(split: str, part: str) -> re.Pattern:
+  prefix = f"{re.escape(split)}-{re.escape(part) + '-' if part else ''}"
+  shard = rf"{prefix}\d{{5,}}\.(images|labels)\.npy"
+  return re.compile(rf"^({shard}|{re.escape(_record_name(part))})(\.part)?$")
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _normalized(obj: Any) -> Any:
+  """``obj`` as it reads back from JSON (tuples become lists), so comparisons match the files."""
+  return json.loads(json.dumps(obj))
+
+
+def _write_npy(path: str, arr: np.ndarray) -> None:
+  with open(path + ".part", "wb") as f:
+    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+  os.replace(path + ".part", path)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -270,8 +600,6 @@ def _write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=1)
     f.write("\n")
   os.replace(path + ".part", path)
-
-
 def read_manifest(path: str) -> dict[str, Any]:
   """The manifest of the dataset at ``path``; DataError if there is none or it is not ours."""
   mpath = os.path.join(path, MANIFEST)
@@ -334,6 +662,12 @@ def read_split(path: str, split: str, *, decode: bool = True
   images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
   labels = {k: (np.concatenate([p[1][k] for p in parts]) if len(parts) > 1 else parts[0][1][k])
             for k in parts[0][1]}
+  order_file = _split_info(read_manifest(path), path, split).get("order")
+  if order_file:  # rows of several writers: back into the dataset's order
+    order = _load_npy(os.path.join(path, order_file), False, len(images))
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    images, labels = images[where], {k: v[where] for k, v in labels.items()}
   return images, labels
 
 

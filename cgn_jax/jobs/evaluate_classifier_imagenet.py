@@ -21,6 +21,7 @@ from cgn_jax import checkpoints, parallel
 from cgn_jax.data import synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.data.storage import DataError
+from cgn_jax.errors import check_choice
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
 
@@ -54,8 +55,16 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
   return model, variables, path
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """The config's named choices, checked before anything is built or written."""
+  check_choice(config, "model.dtype", ("float32", "bfloat16"))
+  check_choice(config, "eval.in9_normalization", ("in9", "imagenet"))
+  check_choice(config, "family", ("", *resnet.MODULES))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates ``config.checkpoint`` on ``config.sets``; writes results.json and tables.md."""
+  check_inputs(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.create_mesh(config.num_devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")

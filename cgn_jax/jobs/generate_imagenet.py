@@ -12,7 +12,8 @@ A dataset run writes ``<workdir>/<run_name>/``, laid out so that the authors' lo
   (``index_col=0``). We write one header and a real first column (the image index ``idx``), so the
   same call reads ours. With several processes, process ``p`` writes ``labels_<p:03d>.csv`` and
   :func:`merge_label_shards` joins the shards into ``labels.csv`` at the end;
-* ``manifest.json`` — n_data, mode, truncation, seed, checkpoint, model_config, ...
+* ``manifest.json`` — n_data, mode, truncation, seed, checkpoint and the sha256 of its bytes,
+  model_config, ...; and beside the folder ``<run_name>_preview.png``, its first 16 images.
 
 Image ``i`` depends only on ``(seed, i)``: its three classes and its noise come from
 ``fold_in(key(seed), i)``, drawn on the host's CPU backend (so the noise does not depend on the
@@ -23,7 +24,11 @@ devices and from 2 processes x 2 devices with a resume in between).
 Resuming is per index: ``i`` is complete when its image file (non-empty) *and* its CSV row exist.
 Images are written under a temporary name and renamed; a batch's rows are appended (and fsynced)
 only once all its images exist; a torn last line (killed mid-write) is cut off, and rows whose image
-is gone are dropped, so a rerun regenerates exactly the missing indices — no duplicates, no gaps.
+is gone are dropped, so a rerun regenerates exactly the missing indices — no duplicates, no gaps —
+in the batches an uninterrupted run formed (a kill leaves whole batches), and the temporary files of
+the killed writes are removed. A run directory holds one kind of data: a rerun with other settings,
+or with other checkpoint bytes under the same path (a CGN retrained in place), is refused in one
+line.
 
 Pixels: the authors save with ``save_image(normalize=True)``, i.e. every image is min-max stretched
 to [0, 255] on its own; ``normalize='minmax'`` (default) does the same float32 operations as
@@ -53,9 +58,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from cgn_jax import checkpoints, parallel
+from cgn_jax.data import storage
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.data.imagenet_cfs import (HEADER, atomic_write, image_name, labels_name,
-                                       merge_label_shards, present_images, read_labels, write_rows)
+                                       merge_label_shards, present_images, read_labels,
+                                       remove_leftovers, write_preview, write_rows)
 from cgn_jax.models import biggan as biggan_lib
 from cgn_jax.models import imagenet_cgn, loading
 from cgn_jax.models.imagenet_cgn import CGNConfig, ImagenetCGN
@@ -191,6 +198,11 @@ def _all_rows(x: jax.Array) -> np.ndarray:
   return np.asarray(x if jax.process_count() == 1 else multihost_utils.process_allgather(x, tiled=True))
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def _check_manifest(run_dir: str, manifest: dict) -> None:
   """A run directory holds one kind of data: resuming with other settings would mix two."""
   path = os.path.join(run_dir, MANIFEST)
@@ -214,11 +226,15 @@ def _write_manifest(run_dir: str, manifest: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # The job.
 
-def _resolve_model(config: ml_collections.ConfigDict, workdir: str
+def _resolve_model(config: ml_collections.ConfigDict, workdir: str, digest: str | None = None
                    ) -> tuple[CGNConfig, str, Callable[[], dict]]:
-  """(architecture, source, loader of the variables): loading waits until something is to do."""
+  """(architecture, source, loader of the variables): loading waits until something is to do.
+  An authors' file of content ``digest`` is converted into ``converted/<digest[:16]>``."""
   if config.checkpoint:
-    path = loading.converted_dir(config.checkpoint, FAMILY, os.path.join(workdir, "converted"))
+    cache = os.path.join(workdir, "converted")
+    if digest and os.path.isfile(config.checkpoint):
+      cache = storage.conversion_cache(cache, digest)
+    path = loading.converted_dir(config.checkpoint, FAMILY, cache)
     cfg = CGNConfig.from_dict(checkpoints.load_meta(path)["model_config"])
     return cfg, os.path.abspath(config.checkpoint), lambda: imagenet_cgn.load(path)[1]
   if not config.allow_random_init:
@@ -376,16 +392,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
   if config.normalize not in ("minmax", "fixed"):
     raise ValueError(f"config.normalize='{config.normalize}' is not 'minmax' or 'fixed'")
-  cfg, source, load = _resolve_model(config, workdir)
+  if config.checkpoint and not os.path.exists(config.checkpoint):
+    raise FileNotFoundError(f"checkpoint {config.checkpoint} not found; pass --config.checkpoint= "
+                            "the authors' cgn.pth, a converted dir or <train workdir>/cgn")
+  # The bytes, not the path: a checkpoint retrained in place must not complete the old run.
+  digest = storage.file_digest(config.checkpoint) if config.checkpoint else None
+  run_dir = os.path.join(workdir, config.run_name)
+  if jax.process_index() == 0:  # then a barrier: no other process is writing these yet
+    remove_leftovers(run_dir)
+    storage.remove_stale_conversions(os.path.join(workdir, "converted"), config.checkpoint,
+                                     digest, FAMILY)
+  _sync("generate_imagenet: cleaned")
+  cfg, source, load = _resolve_model(config, workdir, digest)
   class_pools(config.mode, config.classes, cfg.biggan.num_classes)  # fail before any work
   if config.interp and not -1 <= config.interp_cls < cfg.biggan.num_classes:
     raise ValueError(f"config.interp_cls={config.interp_cls}: -1 (random) or a class id")
-  run_dir = os.path.join(workdir, config.run_name)
   os.makedirs(run_dir, exist_ok=True)
   manifest = {
       "kind": "interpolation_sheets" if config.interp else "dataset", "n_data": config.n_data,
       "mode": config.mode, "classes": list(config.classes) if config.mode == "fixed_classes" else None,
       "truncation": config.truncation, "seed": config.seed, "checkpoint": source,
+      "checkpoint_sha256": digest,
       "model_config": cfg.to_dict(), "normalize": config.normalize,
       "jpeg_quality": config.jpeg_quality, "process_count": jax.process_count(),
       "labels": HEADER, "complete": False}
@@ -403,11 +430,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not config.interp:  # each process counted its own shard (sheets: every process all of them)
       written, skipped = (int(v) for v in np.sum(
           multihost_utils.process_allgather(np.asarray([written, skipped])), axis=0))
-    multihost_utils.sync_global_devices("generate_imagenet done")
+    _sync("generate_imagenet: done")
     if jax.process_index() == 0 and not config.interp:
       merge_label_shards(run_dir)
   if jax.process_index() == 0:
     _write_manifest(run_dir, {**manifest, "complete": True})
+    preview = os.path.join(workdir, f"{config.run_name}_preview.png")
+    if not config.interp and (written or not os.path.exists(preview)):
+      write_preview(preview, os.path.join(run_dir, "ims"), config.run_name, config.n_data)
+  _sync("generate_imagenet: merged")  # labels.csv and the manifest are there for every process
   what = "sheets" if config.interp else "images"
   rate = written / max(t_end - t_gen, 1e-9)
   print(f"generate_imagenet: wrote {written} {what}, skipped {skipped} already present, "

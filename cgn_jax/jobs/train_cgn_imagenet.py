@@ -26,6 +26,7 @@ import optax
 from absl import logging
 
 from cgn_jax import checkpoints, losses, parallel, training
+from cgn_jax.errors import check_choice
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.models import biggan as biggan_lib
 from cgn_jax.models import imagenet_cgn, u2net as u2net_lib, vgg
@@ -203,8 +204,15 @@ def export_cgn(path: str, variables: dict, cfg: CGNConfig, step: int) -> str:
       "source": "cgn_jax.jobs.train_cgn_imagenet", "step": int(step)})
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """The config's named choices, checked before anything is built or written."""
+  check_choice(config, "model.u2net_variant", ("u2net", "u2netp"))
+  check_choice(config, "model.dtype", ("float32", "bfloat16"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the ImageNet CGN in ``workdir``; returns the final state."""
+  check_inputs(config)
 
   def build(mesh) -> training.Task:
     parallel.check_batch_size(config.train.micro_batch_size, mesh, "train.micro_batch_size")

@@ -20,8 +20,9 @@ import numpy as np
 import optax
 
 from cgn_jax import checkpoints, losses, parallel, training
+from cgn_jax.errors import check_choice
 from cgn_jax.composer import compose
-from cgn_jax.data import batches
+from cgn_jax.data import batches, mnist_variants
 from cgn_jax.data.sheets import mnist_cgn_sheet
 from cgn_jax.data.augment import color_jitter
 from cgn_jax.models import vgg
@@ -160,8 +161,15 @@ def load_training_data(config: ml_collections.ConfigDict, workdir: str) -> batch
   return batches.EpochBatches(images, labels, encoding, config.train.batch_size, config.seed)
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """The config's named choices, checked before anything is built or written."""
+  check_choice(config, "dataset", mnist_variants.VARIANTS)
+  check_choice(config, "model.disc", ("linear", "conv"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the MNIST CGN in ``workdir``; returns the final state."""
+  check_inputs(config)
 
   def build(mesh) -> training.Task:
     parallel.check_batch_size(config.train.batch_size, mesh)

@@ -20,17 +20,23 @@ import numpy as np
 import optax
 
 from cgn_jax import losses, parallel, training
-from cgn_jax.data import batches, storage
+from cgn_jax.errors import check_choice
+from cgn_jax.data import batches, mnist_variants, storage
 from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.models.classifiers import MnistCNN
 
 RESULTS = "results.json"
+TRAIN_ON = ("real", "counterfactual", "mixed")
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """The config's named choices, checked before anything is built or written."""
+  check_choice(config, "train_on", TRAIN_ON)
+  check_choice(config, "dataset", mnist_variants.VARIANTS)
 
 
 def load_data(config, workdir: str):
   """(train images, labels, encoding), (test images, labels, encoding) per ``config.train_on``."""
-  if config.train_on not in ("real", "counterfactual", "mixed"):
-    raise ValueError(f"config.train_on must be real, counterfactual or mixed, not '{config.train_on}'")
   real = batches.variant_dir(config, workdir, "real_dataset_dir")
   parts = []
   if config.train_on in ("real", "mixed"):
@@ -85,6 +91,7 @@ def _write_results(workdir: str, results: dict) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the classifier in ``workdir``; returns the contents of results.json."""
+  check_inputs(config)
   t_start = time.time()
   results: dict = {}
 
@@ -117,9 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % per_epoch == 0:
         results["epochs"].append({"epoch": step // per_epoch, "train_acc": row["train_acc"],
                                   "test_acc": row["test_acc"], "train_loss": row["train_loss"]})
-        _write_results(workdir, results)
-        print(f"epoch {step // per_epoch}: train acc {row['train_acc']:.2f}%  "
-              f"test acc {row['test_acc']:.2f}%", flush=True)
+        if jax.process_index() == 0:
+          _write_results(workdir, results)
+          print(f"epoch {step // per_epoch}: train acc {row['train_acc']:.2f}%  "
+                f"test acc {row['test_acc']:.2f}%", flush=True)
 
     return training.Task(
         name=f"classifier {config.dataset} ({config.train_on})",
@@ -134,10 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log_every=per_epoch, checkpoint_every=per_epoch * config.log.checkpoint_every_epochs)
 
   training.run(config, workdir, build)
+  last = results["epochs"][-1] if results.get("epochs") else {}
+  results.update(final_train_acc=last.get("train_acc"), final_test_acc=last.get("test_acc"),
+                 wall_s=time.time() - t_start)
   if jax.process_index() == 0:
-    last = results["epochs"][-1] if results.get("epochs") else {}
-    results.update(final_train_acc=last.get("train_acc"), final_test_acc=last.get("test_acc"),
-                   wall_s=time.time() - t_start)
     _write_results(workdir, results)
   return results
 

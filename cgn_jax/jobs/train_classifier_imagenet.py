@@ -33,6 +33,7 @@ from cgn_jax.checkpoints import CheckpointError
 from cgn_jax.data import imagenet, synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.data.storage import DataError
+from cgn_jax.errors import check_choice
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
 
@@ -153,8 +154,15 @@ def _write_results(workdir: str, results: dict) -> None:
   atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """The config's named choices, checked before anything is built or written."""
+  check_choice(config, "model.dtype", ("float32", "bfloat16"))
+  check_choice(config, "eval.in9_normalization", ("in9", "imagenet"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the ensemble in ``workdir``; returns the contents of results.json."""
+  check_inputs(config)
   results: dict = {"epochs": []}
 
   def build(mesh) -> training.Task:

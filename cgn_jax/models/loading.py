@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cgn_jax import checkpoints
+import jax
+import numpy as np
+
+from cgn_jax import checkpoints, parallel
 
 CACHE_ENV = "CGN_CACHE"
 
@@ -37,10 +40,7 @@ def converted_dir(checkpoint: str, family: str, cache_dir: str | None = None) ->
   """
   if os.path.isdir(checkpoint):
     if not os.path.isfile(os.path.join(checkpoint, checkpoints.META_FILE)):
-      # e.g. the published biggan-deep-256/ folder, which holds the .bin to convert.
-      raise checkpoints.CheckpointError(
-          f"{checkpoint} is a directory but not a converted checkpoint; pass the .pth/.bin inside "
-          f"it, or convert it with `python -m converters {family} SRC DST` and pass DST")
+      raise checkpoints.CheckpointError(_not_converted(checkpoint, family))
     return checkpoint
   if not os.path.isfile(checkpoint):
     raise checkpoints.CheckpointError(
@@ -49,11 +49,34 @@ def converted_dir(checkpoint: str, family: str, cache_dir: str | None = None) ->
   cache_dir = default_cache_dir() if cache_dir is None else cache_dir
   stem = os.path.splitext(os.path.basename(checkpoint))[0]
   dst = os.path.join(cache_dir, f"{family}_{stem}")
-  if os.path.isdir(dst):
-    _check_same_source(dst, checkpoint)
-  else:
-    _convert(family, checkpoint, dst)
+
+  def convert_once():
+    if os.path.isdir(dst):
+      _check_same_source(dst, checkpoint)
+    else:
+      _convert(family, checkpoint, dst)
+
+  # Process 0 converts into a shared cache while the others wait, then they find it converted.
+  parallel.main_process_first(f"convert {dst}", convert_once)
   return dst
+
+
+def _not_converted(folder: str, family: str) -> str:
+  """Why a folder is no converted checkpoint, and what to pass instead."""
+  entries = sorted(os.listdir(folder))
+  inside = [e for e in entries if os.path.isfile(os.path.join(folder, e, checkpoints.META_FILE))]
+  files = [e for e in entries if e.endswith((".pth", ".bin", ".pt"))]
+  convert = f"`python -m converters {family} SRC DST` (SRC: the .pth) and pass DST"
+  if not entries:
+    return f"{folder} is an empty folder, not a converted checkpoint; convert one with {convert}"
+  if inside:  # a training workdir: its export is one level down
+    return (f"{folder} is not a converted checkpoint; did you mean "
+            f"{os.path.join(folder, inside[0])}?")
+  if files:  # e.g. the published biggan-deep-256/ folder, which holds the .bin to convert
+    return (f"{folder} is a folder, not a converted checkpoint; pass the file inside it "
+            f"({os.path.join(folder, files[0])}) or convert it with {convert}")
+  return (f"{folder} is not a converted checkpoint (no {checkpoints.META_FILE}); convert one with "
+          f"{convert}")
 
 
 def pick_family(checkpoint: str, family: str | None, families, default: str, where: str) -> str:
@@ -78,7 +101,27 @@ def load_converted(checkpoint: str, family: str,
   ``meta["model_config"]`` holds the constructor arguments read off the tensor shapes.
   """
   path = converted_dir(checkpoint, family, cache_dir)
-  return checkpoints.load_variables(path, family=family), checkpoints.load_meta(path)
+  meta = checkpoints.load_meta(path)
+  if meta.get("family") != family:
+    raise checkpoints.CheckpointError(
+        f"{path} holds a '{meta.get('family')}' checkpoint, expected '{family}'; pass a {family} "
+        f"checkpoint (`python -m converters {family} SRC DST` makes one from the .pth)")
+  variables = checkpoints.load_variables(path, family=family)
+  check_finite(variables, path)
+  return variables, meta
+
+
+def check_finite(variables: Any, path: str) -> None:
+  """Refuses a model with NaN/Inf weights, naming the array: it would only give NaN images."""
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+      bad = int(np.size(a) - np.isfinite(a).sum())
+      kinds = " and ".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(a).any())
+      raise checkpoints.CheckpointError(
+          f"{path}: {'/'.join(checkpoints.key_name(k) for k in keys)} holds {bad} {kinds} of "
+          f"{a.size} values; the model diverged or the files are damaged: export it again from a "
+          f"good training checkpoint, or convert the .pth again")
 
 
 def _convert(family: str, src: str, dst: str) -> None:
