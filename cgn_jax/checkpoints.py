@@ -206,8 +206,12 @@ def read_train_checkpoint(workdir: str, step: int | None = None) -> tuple[Any, d
   ckpt = TrainCheckpointer(workdir)
   try:
     step = max(ckpt.steps()) if step is None else step
+    # Onto this process's first device, whatever devices (or processes) wrote it.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                            ckpt.manager.item_metadata(step)["tree"])
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        tree=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
+        tree=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
     return jax.tree_util.tree_map(np.asarray, restored.tree), dict(restored.record)
   finally:
     ckpt.close()

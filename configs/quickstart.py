@@ -7,11 +7,13 @@ Double-colored MNIST, trains a CGN for 20 steps (the training plumbing: checkpoi
 in ``cgn/``; far too short to make counterfactuals, so nothing below uses it), generates 4e4
 counterfactuals from the *authors'* CGN (``generate.checkpoint``, their .pth converted on first
 use), trains the CNN one epoch on 1e4 real and on the 4e4 counterfactual images and prints both
-test accuracies beside the paper's. Measured on this project's 2-core CPU, shared (load 4-5):
-7 min 0 s, 0.9 GB in the workdir; printed 9.74 % trained on real data (the CNN learns colour; the
-test colours are shuffled) and 67.93 % on counterfactuals. The paper (Table 2) reports 89.0 % after
-10 epochs; README "Reproducing the MNIST table" has 88.71 % from 1e5 counterfactuals, 10 epochs.
-``:tiny`` runs every stage in seconds with random weights, counterfactuals from its brief CGN (tests).
+test accuracies beside the paper's. Measured on this project's 2-core CPU, shared (load 3-5.5):
+6 min 32 s and 6 min 59 s, 0.9 GB in the workdir; both runs printed 9.74 % trained on real data
+(the CNN learns colour; the test colours are shuffled) and 67.93 % on counterfactuals. The paper
+(Table 2) reports 89.0 % after 10 epochs; README "Reproducing the MNIST table" has 88.71 % from 1e5
+counterfactuals, 10 epochs.
+``:tiny`` runs every stage in seconds with random weights, counterfactuals from its brief CGN
+(tests).
 """
 
 import ml_collections

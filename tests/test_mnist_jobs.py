@@ -17,6 +17,8 @@ from cgn_jax.models.mnist_cgn import MnistCGN, init_variables
 from cgn_jax.writers import read_metrics
 from configs import mnist_double_colored, quickstart
 
+import multihost
+
 
 
 def _tiny_cgn(data_dir, **overrides):
@@ -174,3 +176,70 @@ def test_training_uses_a_converted_vgg16_checkpoint(fixtures_dir, data_dir, tmp_
   z = load_fixture(fixtures_dir, "vgg16_features")
   out = feats(nchw_to_nhwc(z["input"]), 2)
   np.testing.assert_allclose(np.asarray(out[1]), nchw_to_nhwc(z["feat_input_1"]), atol=1e-5)
+
+
+def test_two_processes_equal_one_process(pipeline_run, data_dir, tmp_path):
+  """The tiny quickstart as 2 real processes x 2 CPU devices on 127.0.0.1, launched as the README
+  says (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), one shared workdir. Each
+  stage equals one process with 4 devices given the same inputs: the CGN and the real-data
+  classifier the 4-device quickstart; the counterfactuals and their classifier a 4-device run from
+  the 2-process run's own generator (whose weights differ from the 4-device one's by float noise)."""
+  from cgn_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from cgn_jax.jobs import train_classifier  # pylint: disable=import-outside-toplevel
+  c, ref, _ = pipeline_run
+  work = tmp_path / "two"
+  multihost.launch(["--config", "configs/quickstart.py:tiny", "--workdir", str(work),
+                    f"--config.cgn.data_dir={data_dir}", f"--config.classifier.data_dir={data_dir}"],
+                   timeout=900, log_dir=str(tmp_path))
+
+  def same_metrics(ref_dir, other_dir):
+    r1 = {r["step"]: r for r in read_metrics(str(ref_dir))}
+    r2 = {r["step"]: r for r in read_metrics(str(other_dir))}
+    assert sorted(r1) == sorted(r2), other_dir
+    for step, row in r1.items():
+      for k, v in row.items():
+        if k != "steps_per_sec":  # the 1-vs-4-device tolerance
+          assert r2[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (other_dir, step, k)
+
+  def close_trees(a, b, atol):
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+    assert len(fa) == len(fb) > 10
+    for (path, x), y in zip(fa, fb):
+      np.testing.assert_allclose(y, x, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+  # CGN: the losses; the generator to within Adam's step noise. Float noise in the cross-process
+  # reductions flips the sign of near-zero gradients (the BN-fed conv biases, true gradient 0), and
+  # Adam turns each flip into a full step of size lr: at most 2 lr per step apart.
+  same_metrics(ref / "cgn", work / "cgn")
+  close_trees(checkpoints.load_variables(str(ref / "cgn" / "generator")),
+              checkpoints.load_variables(str(work / "cgn" / "generator")),
+              atol=2 * c.cgn.train.lr * c.cgn.train.num_steps)
+  # real-data classifier: the same inputs, so the same run
+  same_metrics(ref / "classifier_real", work / "classifier_real")
+  close_trees(checkpoints.read_train_checkpoint(str(ref / "classifier_real"))[0],
+              checkpoints.read_train_checkpoint(str(work / "classifier_real"))[0], atol=1e-6)
+  # counterfactuals: one shard set per process, the manifest counts all, and the dataset equals
+  # what one process makes from the same generator, bit for bit and in the same order
+  name = f"{c.cgn.dataset}_counterfactual"
+  two_cf = str(work / "generate" / name)
+  assert {f.split("-")[1] for f in os.listdir(two_cf) if f.startswith("train-p")} == {"p000", "p001"}
+  gen = c.generate.copy_and_resolve_references()
+  with gen.unlocked():
+    gen.checkpoint = str(work / "cgn" / "generator")
+  one_cf = generate_mnist.generate(gen, str(tmp_path / "one"))
+  x1, y1 = storage.read_split(one_cf, "train", decode=False)
+  x2, y2 = storage.read_split(two_cf, "train", decode=False)
+  assert storage.read_manifest(two_cf)["splits"]["train"]["count"] == len(x1) == gen.dataset_size
+  np.testing.assert_array_equal(x2, x1)
+  assert {k: v.tolist() for k, v in y2.items()} == {k: v.tolist() for k, v in y1.items()}
+  # the classifier on those counterfactuals: the same run as one process trained on them
+  clf = c.classifier.copy_and_resolve_references()
+  with clf.unlocked():
+    clf.train_on, clf.cf_dataset_dir = "counterfactual", two_cf
+    clf.real_dataset_dir = str(ref / "cgn" / "data" / c.cgn.dataset)
+    for field, value in c.classifier_per_source["counterfactual"].items():
+      clf[field] = value
+  res = train_classifier.train_and_evaluate(clf, str(tmp_path / "one_clf"))
+  same_metrics(tmp_path / "one_clf", work / "classifier_counterfactual")
+  two_res = json.load(open(work / "classifier_counterfactual" / "results.json"))
+  assert two_res["final_test_acc"] == pytest.approx(res["final_test_acc"], abs=1e-6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 
 from cgn_jax.jobs import run_job
@@ -58,7 +59,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clf = config.classifier.copy_and_resolve_references()
     clf.train_on = train_on
     clf.cf_dataset_dir = cf_dir
-    clf.real_dataset_dir = config.cgn.dataset_dir or os.path.join(cgn_dir, "data", config.cgn.dataset)
+    clf.real_dataset_dir = (config.cgn.dataset_dir
+                            or os.path.join(cgn_dir, "data", config.cgn.dataset))
     for field, value in config.classifier_per_source[train_on].items():
       clf[field] = value  # the copy stays locked: a mistyped field is an error
     res = run_job(clf, os.path.join(workdir, f"classifier_{train_on}"))
@@ -66,31 +68,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "n_train": res.get("n_train", 0), "epochs": clf.epochs}
   results["classifiers"] = runs
   results["test_accuracy"] = {k: r["test_acc"] for k, r in runs.items()}
-  print(_summary(config, gen.checkpoint, cgn_dir, runs))
-  with open(os.path.join(workdir, "pipeline_results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  if jax.process_index() == 0:  # one summary and one file, however many processes ran it
+    print(_summary(config, gen.checkpoint, cgn_dir, runs))
+    with open(os.path.join(workdir, "pipeline_results.json"), "w") as f:
+      json.dump(results, f, indent=1)
   return results
 
 
 def _summary(config: ml_collections.ConfigDict, generator: str, cgn_dir: str,
              runs: dict[str, dict]) -> str:
-  """The closing table: both classifiers beside the paper, and which CGN made the counterfactuals."""
+  """The closing table: both classifiers beside the paper; which CGN made the counterfactuals."""
   ds, gen = config.cgn.dataset, config.generate
   paper = PAPER_CGN.get(ds)
-  row = lambda name, r, ref: (f"  {name:<21}{r['n_train']:>8,}{r['epochs']:>8}{r['train_acc']:>9.2f}%"
-                              f"{r['test_acc']:>9.2f}%   {ref}")
+  row = lambda name, r, ref: (f"  {name:<21}{r['n_train']:>8,}{r['epochs']:>8}"
+                              f"{r['train_acc']:>9.2f}%{r['test_acc']:>9.2f}%   {ref}")
   lines = [
       f"\n{ds}, the CNN tested on the real test split (colours shuffled): real data teach it "
       "colour, counterfactuals shape",
-      f"  {'trained on':<21}{'images':>8}{'epochs':>8}{'train*':>10}{'test':>10}   paper, Table 2 (test)",
+      f"  {'trained on':<21}{'images':>8}{'epochs':>8}{'train*':>10}{'test':>10}"
+      "   paper, Table 2 (test)",
       row("real data", runs["real"], "low (the 'original' row)"),
       row("CGN counterfactuals", runs["counterfactual"],
           f"{paper:.1f}% (10 epochs)" if paper is not None else "-"),
       "  * the mean over the epoch's batches, the CNN still learning; test is the final CNN",
       f"counterfactuals: {gen.dataset_size:,} ({gen.no_cfs} per mask) from {generator}"]
   if config.generate.checkpoint:
-    lines.append(f"the CGN trained in {cgn_dir} ({config.cgn.train.num_steps} steps) only shows the "
-                 "training loop (its samples: cgn/samples); no classifier used it")
+    lines.append(f"the CGN trained in {cgn_dir} ({config.cgn.train.num_steps} steps) only shows "
+                 "the training loop (its samples: cgn/samples); no classifier used it")
   else:
-    lines.append("the counterfactuals come from the briefly trained CGN: expect near-chance accuracy")
+    lines.append("the counterfactuals come from the briefly trained CGN: expect near-chance "
+                 "accuracy")
   return "\n".join(lines)
