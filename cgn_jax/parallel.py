@@ -168,4 +168,10 @@ def from_host_rows(local_batch: Any, mesh: Mesh) -> Any:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Puts a pytree on every device of the mesh (params, optimizer state)."""
+  if jax.process_count() > 1:
+    # Through the host: with several processes, device_put of an array committed to one local
+    # device (a jnp result) builds a malformed global array whose shards fail later (in Orbax's
+    # save), at least with one device per process in JAX 0.10.
+    tree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                        and x.is_fully_addressable else x, tree)
   return jax.device_put(tree, replicated(mesh))

@@ -247,7 +247,7 @@ class _Loop:
       damaged = os.path.isdir(self.ckpt.directory + "_damaged")
       why = f"no {'intact ' if damaged else ''}checkpoint in {self.ckpt.directory}"
       self._print(f"{self.task.name}: starting fresh ({why})")
-      return jax.device_put(state, repl), jax.device_put(acc, repl), key, 0
+      return parallel.replicate(state, self.mesh), parallel.replicate(acc, self.mesh), key, 0
     tree, record = found
     start = int(record["step"])
     key = jax.random.wrap_key_data(np.asarray(host_copy(tree["rng"])), impl=jax.random.key_impl(key))
@@ -283,7 +283,7 @@ class _Loop:
     record = {"data": self.task.batches.position(step) if self.task.batches else {},
               "unit": self.task.unit}
     # The key lives on one device; a multi-process save takes only global (here: replicated) arrays.
-    rng = jax.device_put(np.asarray(jax.random.key_data(key)), parallel.replicated(self.mesh))
+    rng = parallel.replicate(np.asarray(jax.random.key_data(key)), self.mesh)
     self.ckpt.save(step, {"state": state, "acc": acc, "rng": rng}, record)
     self.last_saved = step
 
@@ -302,8 +302,7 @@ class _Loop:
       n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
       print(f"{task.name}: {n:,} trainable parameters", flush=True)
       logging.info("%s", parameter_overview.get_parameter_overview(params))
-    repl = parallel.replicated(self.mesh)
-    constants = jax.device_put(task.constants, repl)
+    constants = parallel.replicate(task.constants, self.mesh)
     end = task.num_steps
     log_every = log.every_steps if task.log_every is None else task.log_every
     save_every = log.checkpoint_every if task.checkpoint_every is None else task.checkpoint_every
@@ -342,7 +341,7 @@ class _Loop:
           if task.on_log:
             task.on_log(done, {k: float(v) for k, v in row.items()})
           bar.set_postfix({k: f"{float(row[k]):.3f}" for k in task.bar_keys if k in row})
-          acc = jax.device_put(_zero_averages(self.names), repl)
+          acc = parallel.replicate(_zero_averages(self.names), self.mesh)
           t0, since = time.time(), done
         if saves_now:
           self._save(done, state, acc, key)

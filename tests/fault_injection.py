@@ -51,11 +51,16 @@ def install(fault: str, at: int) -> None:
     raise SystemExit(f"unknown fault {fault}")
 
 
+def run_main(argv: list[str]) -> None:
+  """``python -m cgn_jax.main ARGV`` in this process, after the faults are installed."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from cgn_jax import main  # pylint: disable=import-outside-toplevel
+  sys.argv = [sys.argv[0]] + argv
+  app.run(main.main, flags_parser=main.parse_flags)
+
+
 if __name__ == "__main__":
   fault, at, sep, *rest = sys.argv[1:]
   assert sep == "--", sys.argv
   install(fault, int(at))
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from cgn_jax import main  # pylint: disable=import-outside-toplevel
-  sys.argv = [sys.argv[0]] + rest
-  app.run(main.main)
+  run_main(rest)

@@ -80,10 +80,8 @@ if __name__ == "__main__":
   _fault, _at, _sep, *_rest = sys.argv[1:]
   assert _sep == "--", sys.argv
   _install(_fault, int(_at))
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from cgn_jax import main  # pylint: disable=import-outside-toplevel
-  sys.argv = [sys.argv[0]] + _rest
-  app.run(main.main)
+  from fault_injection import run_main  # pylint: disable=import-outside-toplevel
+  run_main(_rest)
   sys.exit(0)
 
 # pylint: disable=wrong-import-position

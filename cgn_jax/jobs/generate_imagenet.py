@@ -58,7 +58,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from cgn_jax import checkpoints, parallel
-from cgn_jax.data import storage
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.data.imagenet_cfs import (HEADER, atomic_write, image_name, labels_name,
                                        merge_label_shards, present_images, read_labels,
@@ -233,7 +232,7 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str, digest: str 
   if config.checkpoint:
     cache = os.path.join(workdir, "converted")
     if digest and os.path.isfile(config.checkpoint):
-      cache = storage.conversion_cache(cache, digest)
+      cache = loading.conversion_cache(cache, digest)
     path = loading.converted_dir(config.checkpoint, FAMILY, cache)
     cfg = CGNConfig.from_dict(checkpoints.load_meta(path)["model_config"])
     return cfg, os.path.abspath(config.checkpoint), lambda: imagenet_cgn.load(path)[1]
@@ -396,11 +395,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise FileNotFoundError(f"checkpoint {config.checkpoint} not found; pass --config.checkpoint= "
                             "the authors' cgn.pth, a converted dir or <train workdir>/cgn")
   # The bytes, not the path: a checkpoint retrained in place must not complete the old run.
-  digest = storage.file_digest(config.checkpoint) if config.checkpoint else None
+  digest = loading.file_digest(config.checkpoint) if config.checkpoint else None
   run_dir = os.path.join(workdir, config.run_name)
   if jax.process_index() == 0:  # then a barrier: no other process is writing these yet
     remove_leftovers(run_dir)
-    storage.remove_stale_conversions(os.path.join(workdir, "converted"), config.checkpoint,
+    loading.remove_stale_conversions(os.path.join(workdir, "converted"), config.checkpoint,
                                      digest, FAMILY)
   _sync("generate_imagenet: cleaned")
   cfg, source, load = _resolve_model(config, workdir, digest)

@@ -45,7 +45,7 @@ from cgn_jax.data import storage
 from cgn_jax.data.mnist_variants import VARIANTS
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.errors import check_choice
-from cgn_jax.models import mnist_cgn
+from cgn_jax.models import loading, mnist_cgn
 from cgn_jax.models.mnist_cgn import MnistCGN
 
 # Bump when the same config would give other images: the fingerprint then refuses old datasets.
@@ -96,7 +96,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
   out = os.path.abspath(config.out_dir or os.path.join(workdir, name))
   storage.check_replaceable(out)  # before minutes of work, not at the end
   p, nproc = jax.process_index(), jax.process_count()
-  digest = storage.file_digest(config.checkpoint) if config.checkpoint else None
+  digest = loading.file_digest(config.checkpoint) if config.checkpoint else None
   fingerprint = _fingerprint(config, digest, nproc)
   converted = os.path.join(workdir, "converted")
   if p == 0:
@@ -104,7 +104,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
     for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(out)),
                                       f".{glob.escape(os.path.basename(_preview_path(out)))}.*")):
       os.remove(tmp)  # save_image_grid's temporary name
-    storage.remove_stale_conversions(converted, config.checkpoint, digest, "mnist_cgn")
+    loading.remove_stale_conversions(converted, config.checkpoint, digest, "mnist_cgn")
   state = storage.dataset_state(out, fingerprint)
   _sync("generate_mnist: looked")  # before any process changes the folder
   if state == "complete":
@@ -122,7 +122,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _generate(config, out: str, fingerprint: dict, digest: str | None, converted: str) -> None:
   p, nproc = jax.process_index(), jax.process_count()
-  cache = storage.conversion_cache(converted, digest) if digest else converted
+  cache = loading.conversion_cache(converted, digest) if digest else converted
   cgn, variables = mnist_cgn.load_or_init(config.checkpoint, cache)
   cgn = cgn.clone(subpixel=config.fast_upsample)
   mesh = parallel.create_mesh()

@@ -9,7 +9,10 @@ stays pure Orbax storage.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -143,3 +146,57 @@ def _check_same_source(dst: str, src: str) -> None:
     raise checkpoints.CheckpointError(
         f"{dst} holds the conversion of {stored}, not of {os.path.realpath(src)}; delete it or "
         f"pass another cache_dir")
+
+
+def conversion_cache(folder: str, digest: str) -> str:
+  """Where a job converts an authors' file whose ``file_digest`` is ``digest``: one folder per
+  content under ``folder``, because ``converted_dir`` tells conversions apart by file name
+  only, and new bytes under an old name must not be served the old conversion."""
+  return os.path.join(folder, digest[:16])
+
+
+def remove_stale_conversions(folder: str, checkpoint: str, digest: str | None,
+                             family: str) -> list[str]:
+  """Removes, below a jobs' ``converted`` ``folder``, what killed conversions left
+  (``NAME.tmp-XXXX``, checkpoints.save_variables' temporary names) and, for an authors' file
+  ``checkpoint`` of content ``digest``, the conversions of that file name's earlier contents."""
+  if not os.path.isdir(folder):
+    return []
+  old_name = (f"{family}_{os.path.splitext(os.path.basename(checkpoint))[0]}"
+              if checkpoint and os.path.isfile(checkpoint) and digest else None)
+  removed = [os.path.join(folder, e) for e in os.listdir(folder) if ".tmp-" in e]
+  for d in sorted(os.listdir(folder)):
+    sub = os.path.join(folder, d)
+    if not re.fullmatch(r"[0-9a-f]{16}", d) or not os.path.isdir(sub):
+      continue
+    if old_name and d != digest[:16] and os.path.isdir(os.path.join(sub, old_name)):
+      removed.append(sub)
+    else:
+      removed += [os.path.join(sub, e) for e in os.listdir(sub) if ".tmp-" in e]
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a file, or of a directory's files (each one's relative path, size and bytes, in
+  sorted order): what a checkpoint holds, whatever its name or modification time."""
+  h = hashlib.sha256()
+  if os.path.isdir(path):
+    files = sorted(os.path.relpath(os.path.join(d, f), path)
+                   for d, _, names in os.walk(path) for f in names)
+    for rel in files:
+      full = os.path.join(path, rel)
+      h.update(f"{rel}\0{os.path.getsize(full)}\0".encode())
+      _hash_file(h, full)
+  elif os.path.isfile(path):
+    _hash_file(h, path)
+  else:
+    raise FileNotFoundError(f"{path} not found; give an existing checkpoint file or directory")
+  return h.hexdigest()
+
+
+def _hash_file(h, path: str) -> None:
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
