@@ -28,9 +28,13 @@ architecture) writes 10 images in about a minute on a busy 2-core CPU, nearly al
 import ml_collections
 
 from configs import imagenet
+from configs.common import check_variant
+
+VARIANTS = ("", "tiny")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   train = imagenet.get_config("tiny" if variant == "tiny" else "")
   c = ml_collections.ConfigDict()
   c.job = "generate_imagenet"
@@ -66,7 +70,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.midpoints = 2
     c.num_writers = 2
     c.progress_bar = False
-  elif variant:
-    raise ValueError(f"unknown variant '{variant}'; choose '' or 'tiny'")
+
   c.lock()
   return c

@@ -22,10 +22,13 @@ import os
 
 import ml_collections
 
-from configs.common import DATA_DIR
+from configs.common import DATA_DIR, check_variant
+
+VARIANTS = ("", "tiny")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  check_variant(variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.job = "generate_mnist"
   c.dataset = "double_colored_MNIST"   # --dataset
@@ -49,7 +52,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.batch_size = 20
     c.shard_size = 64                  # several shards, so that resuming is exercised
     c.progress_bar = False
-  elif variant:
-    raise ValueError(f"unknown variant '{variant}'")
+
   c.lock()
   return c

@@ -3,7 +3,8 @@
   python -m cgn_jax.main --config configs/mnist_sample.py --workdir /tmp/cgn_sample
 
 converts ``<data_dir>/pretrained/mnist_cgn/colored_MNIST.pth`` (needs the ``convert`` extra) and writes
-``samples/mnist_cgn_sheet.png``: one row per digit, columns mask / foreground / background / composite.
+``samples/mnist_cgn_sheet.png``: one row per digit; per sample the columns mask / foreground /
+background / composite, ``n_per_class`` samples side by side (2: 8 columns).
 Expect thin digit masks, saturated class colours (crimson 0, teal 1, lemon 2, ...) and black
 backgrounds (the Colored-MNIST background). A few seconds on a laptop CPU.
 Variants: ``:double_colored``, ``:wildlife`` (the other published checkpoints), ``:tiny`` (random

@@ -95,7 +95,9 @@ def read(path: str) -> Any:
           zipfile.BadZipFile) as e:
     with open(path, "rb") as f:
       kind = "truncated or corrupt zip" if f.read(4) == b"PK\x03\x04" else "not a torch checkpoint"
-    raise ConversionError(f"{path}: {kind} ({type(e).__name__}: {str(e)[:120]})") from e
+    detail = str(e).splitlines()[0] if str(e) else ""
+    raise ConversionError(f"{path}: {kind} ({type(e).__name__}: {detail}); copy or download the "
+                          "file again") from e
 
 
 def _read_zip(path: str) -> Any:

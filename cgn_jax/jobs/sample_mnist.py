@@ -24,6 +24,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   mnist_cgn_sheet(model, variables, jax.random.key(config.seed), path, config.n_per_class,
                model.n_classes)
   logging.info("wrote %s", path)
-  print(f"sample sheet (rows: classes 0-{model.n_classes - 1}; columns: mask, foreground, "
-        f"background, composite): {path}")
+  print(f"sample sheet (rows: classes 0-{model.n_classes - 1}; per sample the columns mask, "
+        f"foreground, background, composite, {config.n_per_class} samples per row): {path}")
   return path
