@@ -45,13 +45,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["authors_sheet"] = run_job(sheet_cfg, workdir)
 
   cgn_dir = os.path.join(workdir, "cgn")
-  run_job(config.cgn, cgn_dir)
+  _stage("cgn", config.cgn, cgn_dir)
   results["cgn_samples"] = os.path.join(cgn_dir, "samples")
 
   gen = config.generate.copy_and_resolve_references()
   with gen.unlocked():
     gen.checkpoint = cf_checkpoint or os.path.join(cgn_dir, "generator")
-  cf_dir = run_job(gen, os.path.join(workdir, "generate"))
+  cf_dir = _stage("generate", gen, os.path.join(workdir, "generate"))
   results["counterfactuals"] = {"dir": cf_dir, "generator": gen.checkpoint}
 
   runs = {}
@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             or os.path.join(cgn_dir, "data", config.cgn.dataset))
     for field, value in config.classifier_per_source[train_on].items():
       clf[field] = value  # the copy stays locked: a mistyped field is an error
-    res = run_job(clf, os.path.join(workdir, f"classifier_{train_on}"))
+    res = _stage("classifier", clf, os.path.join(workdir, f"classifier_{train_on}"))
     runs[train_on] = {"train_acc": res["final_train_acc"], "test_acc": res["final_test_acc"],
                       "n_train": res.get("n_train", 0), "epochs": clf.epochs}
   results["classifiers"] = runs
@@ -73,6 +73,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "pipeline_results.json"), "w") as f:
       json.dump(results, f, indent=1)
   return results
+
+
+def _stage(name: str, config: ml_collections.ConfigDict, workdir: str):
+  """``run_job`` of the stage ``config.<name>``: an input error names the pipeline's own field
+  (``--config.cgn.data_dir``, not the stage job's ``--config.data_dir``)."""
+  try:
+    return run_job(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except  # re-raised, reworded or as it was
+    text = str(e)
+    if "--config." not in text or len(e.args) != 1:
+      raise
+    try:
+      reworded = type(e)(text.replace("--config.", f"--config.{name}."))
+    except Exception:  # pylint: disable=broad-except  # an exception type that takes other args
+      raise e from None
+    raise reworded from e
 
 
 def _summary(config: ml_collections.ConfigDict, generator: str, cgn_dir: str,
