@@ -108,9 +108,10 @@ def pytest_terminal_summary(terminalreporter):
 
 # The slowest files first (measured with --durations): the two pytest-xdist workers take whole
 # files (--dist loadfile), so a long file handed out last would leave one worker idle at the end.
-_SLOW_FIRST = ("test_imagenet_cgn_train.py", "test_crash_safety.py", "test_imagenet_cgn_grad.py",
-               "test_mnist_jobs.py", "test_imagenet_classifier_jobs.py", "test_train_step_parity.py",
-               "test_imagenet_generate.py", "test_imagenet_cgn_converter.py")
+_SLOW_FIRST = ("test_imagenet_cgn_train.py", "test_mnist_jobs.py", "test_crash_safety.py",
+               "test_generation_resume.py", "test_imagenet_cgn_grad.py",
+               "test_imagenet_classifier_jobs.py", "test_train_step_parity.py",
+               "test_imagenet_generate.py", "test_bad_inputs.py", "test_imagenet_cgn_converter.py")
 
 
 def pytest_collection_modifyitems(items):
