@@ -26,8 +26,10 @@ def free_port() -> int:
 
 
 def launch(args: list[str], num_processes: int = 2, devices_per_process: int = 2,
-           timeout: float = 900, log_dir: str | None = None) -> list[str]:
-  """Runs ``python -m cgn_jax.main ARGS`` as ``num_processes`` processes; returns their outputs.
+           timeout: float = 900, log_dir: str | None = None,
+           module: str | None = "cgn_jax.main") -> list[str]:
+  """Runs ``python -m MODULE ARGS`` (``python ARGS`` without a module) as ``num_processes``
+  processes; returns their outputs.
 
   Raises AssertionError (with the tail of every output) when one fails or the time runs out; the
   children are killed either way.
@@ -46,7 +48,7 @@ def launch(args: list[str], num_processes: int = 2, devices_per_process: int = 2
     for i in range(num_processes):
       with open(logs[i], "w") as out:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cgn_jax.main", *args], cwd=ROOT,
+            [sys.executable, *(["-m", module] if module else []), *args], cwd=ROOT,
             env=dict(env, JAX_PROCESS_ID=str(i)), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True))
     deadline = time.time() + timeout
