@@ -197,11 +197,6 @@ def _all_rows(x: jax.Array) -> np.ndarray:
   return np.asarray(x if jax.process_count() == 1 else multihost_utils.process_allgather(x, tiled=True))
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _check_manifest(run_dir: str, manifest: dict) -> None:
   """A run directory holds one kind of data: resuming with other settings would mix two."""
   path = os.path.join(run_dir, MANIFEST)
@@ -401,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     remove_leftovers(run_dir)
     loading.remove_stale_conversions(os.path.join(workdir, "converted"), config.checkpoint,
                                      digest, FAMILY)
-  _sync("generate_imagenet: cleaned")
+  parallel.sync("generate_imagenet: cleaned")
   cfg, source, load = _resolve_model(config, workdir, digest)
   class_pools(config.mode, config.classes, cfg.biggan.num_classes)  # fail before any work
   if config.interp and not -1 <= config.interp_cls < cfg.biggan.num_classes:
@@ -429,7 +424,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not config.interp:  # each process counted its own shard (sheets: every process all of them)
       written, skipped = (int(v) for v in np.sum(
           multihost_utils.process_allgather(np.asarray([written, skipped])), axis=0))
-    _sync("generate_imagenet: done")
+    parallel.sync("generate_imagenet: done")
     if jax.process_index() == 0 and not config.interp:
       merge_label_shards(run_dir)
   if jax.process_index() == 0:
@@ -437,7 +432,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preview = os.path.join(workdir, f"{config.run_name}_preview.png")
     if not config.interp and (written or not os.path.exists(preview)):
       write_preview(preview, os.path.join(run_dir, "ims"), config.run_name, config.n_data)
-  _sync("generate_imagenet: merged")  # labels.csv and the manifest are there for every process
+  parallel.sync("generate_imagenet: merged")  # labels.csv and the manifest, for every process
   what = "sheets" if config.interp else "images"
   rate = written / max(t_end - t_gen, 1e-9)
   print(f"generate_imagenet: wrote {written} {what}, skipped {skipped} already present, "

@@ -106,7 +106,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
       os.remove(tmp)  # save_image_grid's temporary name
     loading.remove_stale_conversions(converted, config.checkpoint, digest, "mnist_cgn")
   state = storage.dataset_state(out, fingerprint)
-  _sync("generate_mnist: looked")  # before any process changes the folder
+  parallel.sync("generate_mnist: looked")  # before any process changes the folder
   if state == "complete":
     print(f"reusing {out}")
   elif state == "staged":  # killed while moving it into place
@@ -116,7 +116,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
     _generate(config, out, fingerprint, digest, converted)
   if p == 0 and (state != "complete" or not os.path.exists(_preview_path(out))):
     _write_preview(out)
-  _sync("generate_mnist: done")  # the dataset is in place for every process
+  parallel.sync("generate_mnist: done")  # the dataset is in place for every process
   return out
 
 
@@ -174,7 +174,7 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
   if pending is not None:
     write(*pending)
   writer.close()
-  _sync("generate_mnist: parts closed")
+  parallel.sync("generate_mnist: parts closed")
   if p == 0:
     meta = {"name": os.path.basename(out), "seed": config.seed,
             "dataset_size": config.dataset_size, "no_cfs": k, "source": _source(config),
@@ -233,11 +233,6 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 def _part(process: int, count: int) -> str:
   return "" if count == 1 else f"p{process:03d}"
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def _preview_path(out: str) -> str:
