@@ -27,3 +27,16 @@ def time_interleaved(fns: dict, reps: int) -> dict:
       fn()
       times[k].append((time.perf_counter() - t, time.process_time() - c))
   return {k: tuple(np.median(np.array(v), axis=0)) for k, v in times.items()}
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (figures from one CPU do not carry to another)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=import-outside-toplevel
+  return platform.processor() or platform.machine()

@@ -16,6 +16,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
+# Convs keep XLA's own kernel gradient in tests (and in the jobs they start), so that no test
+# times conv rules or depends on which one this CPU prefers; tests/test_layers.py checks each rule.
+os.environ.setdefault("CGN_CONV_DW", "xla")
+
 import tempfile
 
 import jax

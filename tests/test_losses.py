@@ -275,3 +275,19 @@ def test_texture_loss_gradient_only_reaches_the_foreground():
   assert float(jnp.max(jnp.abs(g_gt))) == 0.0 and float(jnp.max(jnp.abs(g_mask))) == 0.0  # detached
   assert_close(value, ref_total, atol=1e-6, rtol=1e-5, name="texture = perceptual(style [0,5,5,0])")
   assert float(ref_terms[5]) > 0 and float(ref_terms[4]) == 0.0 and float(ref_terms[7]) == 0.0
+
+
+def test_gram_gradient_matches_autodiff_of_the_einsum():
+  """gram_matrix has its own VJP (one product instead of two); autodiff of the plain einsum is
+  the reference."""
+  f = jax.random.normal(jax.random.key(0), (2, 3, 5, 7))
+  w = jax.random.normal(jax.random.key(1), (2, 7, 7))
+
+  def plain(x):
+    n, h, wd, c = x.shape
+    y = x.reshape(n, h * wd, c)
+    return jnp.einsum("npc,npd->ncd", y, y, precision=jax.lax.Precision.HIGHEST) / (c * h * wd)
+
+  ours = jax.grad(lambda x: jnp.sum(jnp.sin(losses.gram_matrix(x)) * w))(f)
+  ref = jax.grad(lambda x: jnp.sum(jnp.sin(plain(x)) * w))(f)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)

@@ -192,7 +192,7 @@ def test_perceptual_loss_skips_unused_blocks_and_has_gradient(fixtures_dir, stem
   x, y = nchw_to_nhwc(z["input"][:1, :, :16, :16]), nchw_to_nhwc(z["target"][:1, :, :16, :16])
   jax.eval_shape(lambda a, b: losses.perceptual_loss(spy, a, b, (0, 0, 0, 0), (0, 5, 5, 0)), x, y)
   losses.perceptual_loss(spy, x, y, (0, 0, 0, 0), (0, 0, 0, 0))
-  assert asked == [3]  # block 4 skipped; all-zero weights run no VGG at all
+  assert asked == [3, 3]  # target, then input; block 4 skipped; all-zero weights run no VGG
 
   g = jax.jit(jax.grad(lambda a: losses.perceptual_loss(inner, a, y, (1,) * 4, (4,) * 4)[0]))(x)
   assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cgn_jax.models import conv_dw
+
 Array = jax.Array
 
 
@@ -77,6 +79,7 @@ def max_pool_torch(x: Array, k: int, stride: int, padding: int = 0, ceil_mode: b
 
   In ceil mode torch adds a last window that may start inside the padded input but overhang it; the
   overhang is padded with -inf here. torch drops such a window if it would start in the right padding.
+  The gradient is torch's too: all of it goes to the first maximum of a window (``_max_pool_taps``).
   """
   def extra(size: int) -> int:
     padded = size + 2 * padding
@@ -89,16 +92,56 @@ def max_pool_torch(x: Array, k: int, stride: int, padding: int = 0, ceil_mode: b
 
   h, w = x.shape[1], x.shape[2]
   pads = ((0, 0), (padding, padding + extra(h)), (padding, padding + extra(w)), (0, 0))
-  x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  return _max_pool_taps(jnp.pad(x, pads, constant_values=-jnp.inf), k, stride)
+
+
+def _pool_windows(x: Array, k: int, stride: int) -> list[Array]:
+  """The k*k strided slices of a padded NHWC map, one per window tap in row-major order."""
   oh, ow = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
-  # A max over k*k strided slices instead of reduce_window: identical values, but its gradient is
-  # elementwise selects, where reduce_window's select_and_scatter is ~20x slower on XLA:CPU.
+  return [x[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+          for i in range(k) for j in range(k)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_taps(x: Array, k: int, stride: int) -> Array:
+  """VALID max pool of an already padded map as a max over k*k strided slices.
+
+  Not reduce_window: its select_and_scatter gradient is ~8x slower on XLA:CPU. The custom VJP saves
+  one int8 "winning tap" per output instead of the chain of k*k maxima that plain autodiff keeps,
+  and it routes the whole gradient to the *first* maximum in row-major order, as torch's kernel
+  does; autodiff of ``maximum`` would split a tie 0.5/0.5 (ties are common: ReLU zeros).
+  """
   out = None
+  for win in _pool_windows(x, k, stride):
+    out = win if out is None else jnp.maximum(out, win)
+  return out
+
+
+def _max_pool_taps_fwd(x, k, stride):
+  wins = _pool_windows(x, k, stride)
+  out, tap = wins[0], jnp.zeros(wins[0].shape, jnp.int8)
+  for t, win in enumerate(wins[1:], 1):
+    better = win > out  # strict: an equal later value does not take over, like torch
+    out, tap = jnp.where(better, win, out), jnp.where(better, jnp.int8(t), tap)
+  return out, (tap, x.shape)
+
+
+def _max_pool_taps_bwd(k, stride, res, g):
+  tap, shape = res
+  oh, ow = g.shape[1], g.shape[2]
+  dx = None
+  zero = jnp.zeros((), g.dtype)
   for i in range(k):
     for j in range(k):
-      win = x[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
-      out = win if out is None else jnp.maximum(out, win)
-  return out
+      # Output (a, b) of tap (i, j) read input (a*stride + i, b*stride + j): an interior pad puts it back.
+      cfg = ((0, 0, 0), (i, shape[1] - i - (oh - 1) * stride - 1, stride - 1),
+             (j, shape[2] - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0))
+      d = jax.lax.pad(jnp.where(tap == i * k + j, g, zero), zero, cfg)
+      dx = d if dx is None else dx + d
+  return (dx,)
+
+
+_max_pool_taps.defvjp(_max_pool_taps_fwd, _max_pool_taps_bwd)
 
 
 def leaky_relu(x: Array) -> Array:
@@ -112,7 +155,8 @@ def _phase_taps(k: Array, phase: int, axis: int) -> Array:
   return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis)
 
 
-def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
+def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False,
+                      dw_rule: str = "auto") -> Array:
   """conv3x3(pad 1)(nearest_upsample_x2(x)) for an HWIO kernel, optionally by sub-pixel phases.
 
   Every output phase (row parity a, column parity b) of a 3x3 conv over a 2x nearest-upsampled map
@@ -124,67 +168,33 @@ def upsample2_conv3x3(x: Array, kernel: Array, subpixel: bool = False) -> Array:
   1e-7 level, so parity paths keep ``subpixel=False``.
   """
   if not subpixel:
-    up = upsample_nearest(x)
-    return jax.lax.conv_general_dilated(up, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv_dw.conv(upsample_nearest(x), kernel.astype(x.dtype), 1, 1, dw_rule)
   n, h, w, cin = x.shape
   cout = kernel.shape[-1]
   # [2 rows, 2 cols, C_in, 2 (a), 2 (b), C_out]
   phases = jnp.stack([jnp.stack([_phase_taps(_phase_taps(kernel, a, 0), b, 1) for b in (0, 1)], -2)
                       for a in (0, 1)], -3)
-  y = jax.lax.conv_general_dilated(x, phases.reshape(2, 2, cin, 4 * cout).astype(x.dtype), (1, 1),
-                                   ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = conv_dw.conv(x, phases.reshape(2, 2, cin, 4 * cout).astype(x.dtype), 1, 1, dw_rule)
   y = y.reshape(n, h + 1, w + 1, 2, 2, cout)
   rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in (0, 1)], 3) for a in (0, 1)]
   return jnp.stack(rows, 2).reshape(n, 2 * h, 2 * w, cout)  # (N, H, 2[a], W, 2[b], C) -> (N, 2H, 2W, C)
 
 
-def _conv_nhwc(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_sliced_dw(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-  return _conv_nhwc(x, kernel, stride, padding)
-
-
-def _conv_sliced_dw_fwd(x, kernel, stride, padding):
-  return _conv_nhwc(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_sliced_dw_bwd(stride, padding, res, g):
-  x, kernel = res
-  kh, kw, cin, cout = kernel.shape
-  _, vjp_x = jax.vjp(lambda v: _conv_nhwc(v, kernel, stride, padding), x)
-  (dx,) = vjp_x(g)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  oh, ow = g.shape[1], g.shape[2]
-  g2 = g.reshape(-1, cout)
-  # dW[i, j] = sum over output pixels of (input window at offset i, j)^T @ dY: k*k small matmuls.
-  taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
-          .reshape(-1, cin).T @ g2 for i in range(kh) for j in range(kw)]
-  return dx, jnp.stack(taps).reshape(kernel.shape)
-
-
-_conv_sliced_dw.defvjp(_conv_sliced_dw_fwd, _conv_sliced_dw_bwd)
-
-
 class Conv2d(nn.Module):
-  """nn.Conv2d (square kernel, symmetric zero padding, NHWC/HWIO) whose kernel gradient is a sum of
-  k*k matmuls. Same values and parameters as ``nn.Conv``; the reason is speed: XLA:CPU's own kernel
-  gradient for few-channel convs is slow (the MNIST CNN's 5x5 conv on 3 channels: 93 ms vs 24 ms
-  for a batch of 64), and the MNIST table trains this CNN for 10 epochs on a CPU."""
+  """nn.Conv2d (square kernel, symmetric zero padding, NHWC/HWIO): the parameters and values of
+  ``nn.Conv``, with the kernel gradient of ``dw_rule`` (``conv_dw``; "auto" measures which rule is
+  fastest for this shape on the running CPU)."""
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
+  dw_rule: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return _conv_sliced_dw(x, kernel, self.stride, self.padding) + bias
+    return conv_dw.conv(x, kernel, self.stride, self.padding, self.dw_rule) + bias
