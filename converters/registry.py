@@ -26,6 +26,8 @@ FAMILIES: dict[str, str] = {
     "imagenet_cgn": "converters.imagenet_cgn:convert_imagenet_cgn",
     "resnet50": "converters.resnet:convert_resnet50",
     "invariant_ensemble": "converters.resnet:convert_invariant_ensemble",
+    "inception_v3": "converters.inception:convert_inception_v3",
+    "inception_v3_fid": "converters.inception:convert_inception_v3_fid",
 }
 
 

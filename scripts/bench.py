@@ -123,6 +123,9 @@ def markdown(results: list[dict]) -> str:
            "torch wall s | ratio (wall) | JAX compile s | peak MB JAX / torch |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
+    if r.get("error"):
+      lines.append(f"| {ROWS[r['row']][1]} | {r['batch']} | {r['threads']} | failed: {r['error']} |")
+      continue
     j, t = r["jax"], r.get("torch")
     f = lambda side, k: f"{side[k]:.3f}" if side else "—"
     ratio = lambda k: f"**{r[k]:.2f}**" if k in r else "—"
@@ -166,7 +169,11 @@ def main() -> None:
     threads = 1 if t == "1" else 0
     for row in args.rows:
       for batch in args.batch or ROWS[row][0]:
-        r = measure(row, batch, threads, args)
+        try:
+          r = measure(row, batch, threads, args)
+        except SystemExit as e:  # a worker died: say so in the table and go on with the next row
+          print(e, file=sys.stderr)
+          r = {"row": row, "batch": batch, "jax": None, "error": str(e)}
         r["threads"] = t
         results.append(r)
         print(markdown([r]).splitlines()[-1], flush=True)

@@ -181,11 +181,11 @@ def biggan_reference(seed: int = 0):
   (uninitialised memory), and random spectral-norm vectors can make sigma ~ 0: both are set.
   """
   import torch  # pylint: disable=import-outside-toplevel
-  for name in ("boto3", "requests", "botocore", "botocore.exceptions"):
-    if importlib.util.find_spec(name.split(".")[0]) is None:
-      stub = types.ModuleType(name)
-      stub.ClientError = Exception
-      sys.modules[name] = stub
+  for name in ("boto3", "requests", "botocore"):
+    if name not in sys.modules and importlib.util.find_spec(name) is None:
+      sys.modules[name] = types.ModuleType(name)
+      if name == "botocore":
+        sys.modules["botocore.exceptions"] = types.SimpleNamespace(ClientError=Exception)
   try:
     from pytorch_pretrained_biggan import BigGAN, BigGANConfig  # pylint: disable=import-outside-toplevel
   except ImportError as e:

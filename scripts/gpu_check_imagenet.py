@@ -1,27 +1,35 @@
-"""Device check (not a test): one ImageNet-CGN training episode, timed, in float32 and bfloat16.
+"""Device check (not a test): every figure of one short GPU run, written to one JSON file.
 
-    python scripts/gpu_check_imagenet.py [--micro_batch_size 8] [--accum_steps 2] [--steps 3] \
-        [--dtypes float32 bfloat16] [--json OUT.json] [--compile_cache DIR]
-    python scripts/gpu_check_imagenet.py --tiny   # the ':tiny' config: checks the script on a CPU
+    python scripts/gpu_check_imagenet.py [--json gpu_check.json] [--rows ...] [--budget_s 450]
+        [--micro_batch_size 8] [--accum_steps 2] [--steps 3] [--dtypes float32 bfloat16]
+    python scripts/gpu_check_imagenet.py --tiny   # the ':tiny' networks: checks the script on a CPU
 
-Runs the training job's own step (cgn_jax/jobs/train_cgn_imagenet.py: ``make_train_step`` jitted with
-the job's shardings and donated state) on the real 256 config of configs/imagenet.py — four
-BigGAN-deep-256, the full U2NET, VGG16 perceptual and texture losses — with random weights
+Rows (each dtype of each row in its own child process, so that its peak memory is its own and an
+out-of-memory or crash in one leaves the others untouched):
+  biggan          BigGAN-deep-256 forward, batch 64: images/s and, in bfloat16, the fraction of the
+                  device's bf16 peak it reaches (~78 GFLOP per 256x256 image; the peak from
+                  ``--peak_tflops`` or the table below for known devices).
+  u2net           U2NET forward at 256x256, batch 64.
+  mnist_cgn_step  the MNIST CGN train step (G + D + VGG perceptual, double-colored config), batch 64.
+  mnist_generate  counterfactual generation, 1000 masks x 10 per call.
+  imagenet_cgn    one ImageNet-CGN training step of the real 256 config (four BigGAN-deep-256, U2NET,
+                  VGG16 perceptual and texture losses), float32 and bfloat16.
+
+The ImageNet row runs the training job's own step (cgn_jax/jobs/train_cgn_imagenet.py:
+``make_train_step`` jitted with the job's shardings and donated state) with random weights
 (``allow_random_init``; random VGG), so it needs no checkpoint. One *step* is one optimizer update over
-``micro_batch_size * accum_steps`` generated samples. Printed per dtype: tracing + compile time, mean/min
+``micro_batch_size * accum_steps`` generated samples. Printed for it: tracing + compile time, mean/min
 seconds per step, seconds per micro-batch forward+backward, seconds per sample, samples/s, peak device
 memory (``memory_stats()['peak_bytes_in_use']``; ``n/a`` on CPU) and XLA's estimate of the step's
 temporary buffers. The [Re] report measured 0.5 s per batch-1 forward+backward pass of the authors'
-PyTorch CGN on a GTX 1080 Ti; seconds per sample is the comparable unit, and the last line gives
-the ratio and the full 300 x 4000-sample schedule's duration at our rate.
+PyTorch CGN on a GTX 1080 Ti; seconds per sample is the comparable unit. ``model.dtype='bfloat16'``
+affects the CGN's networks only; VGG16 stays float32, as in the training job.
 
-Each dtype runs in its own child process, so that its peak memory is its own (the allocator's peak
-never resets) and an out-of-memory in one leaves the other untouched. ``model.dtype='bfloat16'``
-affects the CGN's networks only; VGG16 stays float32, as in the training job. Budget on an H200:
-compiling the 256 step takes minutes per dtype (progress lines carry timestamps); the timed steps take
-seconds. ``--tiny`` (float32 only unless ``--dtypes`` says otherwise) runs on a 2-core CPU in about
-two and a half minutes, almost all of it compiling (both dtypes: ~7 min), and shows the plumbing, not
-a speed. ``--lower_only`` stops after tracing the step, e.g. to check the 256 graph on a CPU.
+Budget: the whole run must fit in 8 minutes on one H200. Rows run in the order above (the cheap
+ones first) and a row that would start after ``--budget_s`` seconds is skipped and says so; a child
+still running at the budget's end is stopped. ``--tiny`` runs every row on the tiny networks in a
+few minutes of a 2-core CPU (the tests run it with a subset of rows) and shows the plumbing, not a
+speed. ``--lower_only`` stops the ImageNet row after tracing, e.g. to check the 256 graph on a CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +44,14 @@ import tempfile
 import time
 
 RE_SEC_PER_SAMPLE = 0.5  # [Re] report: 0.5 s per batch-1 iteration, GTX 1080 Ti
+BIGGAN_FLOP_PER_IMAGE = 78e9  # BigGAN-deep-256 forward, multiply-adds counted as 2
+# Dense bf16 peak (TFLOP/s) by device_kind substring, from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                    "V100": 125.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
+ROWS = ("biggan", "u2net", "mnist_cgn_step", "mnist_generate", "imagenet_cgn")
+# (batch, tiny batch); bench_rows' row names
+_NET_ROWS = {"biggan": ("biggan", 64, 2), "u2net": ("u2net", 64, 2),
+             "mnist_cgn_step": ("cgn_step", 64, 4), "mnist_generate": ("generate", 1000, 4)}
 GIB = 2.0 ** 30
 _T0 = time.time()
 
@@ -47,6 +63,51 @@ def log(msg: str) -> None:
 def _is_oom(err: Exception) -> bool:
   text = str(err)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def measure_network(args: argparse.Namespace, row: str, dtype: str) -> dict:
+  """Times one of the network rows (``_NET_ROWS``) with the benchmark's own builders."""
+  # pylint: disable=import-outside-toplevel
+  if args.compile_cache:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", args.compile_cache)
+  import jax
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_rows
+  name, batch, tiny_batch = _NET_ROWS[row]
+  batch = args.batch or (tiny_batch if args.tiny else batch)
+  images = batch * (2 if args.tiny else bench_rows.NO_CFS) if row == "mnist_generate" else batch
+  dev = jax.devices()[0]
+  result = {"row": row, "dtype": dtype, "batch": batch, "device": f"{dev.platform}: {dev.device_kind}",
+            "devices": jax.device_count(), "tiny": args.tiny, "jax": jax.__version__}
+  log(f"{row} {dtype}: building (batch {batch}{', tiny networks' if args.tiny else ''}) ...")
+  try:
+    t = time.perf_counter()
+    fn = bench_rows.jax_row(name, batch, dtype, tiny=args.tiny)
+    fn()
+    result["first_call_s"] = time.perf_counter() - t  # build + compile + one call
+    times = []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+  except Exception as err:  # pylint: disable=broad-except
+    if not _is_oom(err):
+      raise
+    result["error"] = f"out of memory at batch {batch}; try a smaller --batch"
+    return result
+  mean = sum(times) / len(times)
+  result.update(call_s=times, call_mean_s=mean, call_min_s=min(times), images_per_call=images,
+                images_per_s=images / min(times))
+  if row == "biggan":
+    achieved = BIGGAN_FLOP_PER_IMAGE * images / min(times)
+    result["tflops"] = achieved / 1e12
+    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in dev.device_kind),
+                                    None)
+    result["bf16_peak_tflops"] = peak
+    result["fraction_of_bf16_peak"] = achieved / (peak * 1e12) if peak else None
+  result["peak_bytes"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+  log(f"{row} {dtype}: {result['images_per_s']:.1f} images/s, first call {result['first_call_s']:.1f} s")
+  return result
 
 
 def measure(args: argparse.Namespace, dtype: str) -> dict:
@@ -69,7 +130,8 @@ def measure(args: argparse.Namespace, dtype: str) -> dict:
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
   micro = args.micro_batch_size or (4 if args.tiny else 8) * n_dev
-  result = {"model": "tiny (32 px, U2NETP)" if args.tiny else "256 (BigGAN-deep-256 x4, U2NET)",
+  result = {"row": "imagenet_cgn",
+            "model": "tiny (32 px, U2NETP)" if args.tiny else "256 (BigGAN-deep-256 x4, U2NET)",
             "dtype": dtype, "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
             "devices": n_dev, "micro_batch_size": micro, "accum_steps": args.accum_steps,
             "steps": args.steps, "jax": jax.__version__}
@@ -100,7 +162,7 @@ def measure(args: argparse.Namespace, dtype: str) -> dict:
     state, frozen = jax.device_put(state, repl), jax.device_put(frozen, repl)
     key = jax.random.key(config.seed + 3)
     train_step = job.make_train_step(config, model, tx, features_fn, mesh)  # the job's own step
-    step_fn = jax.jit(lambda s, f, k: train_step(s, None, k, f),
+    step_fn = jax.jit(lambda s, f, k: train_step(s, None, k, job.step_constants(config, f)),
                       in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
     log(f"{dtype}: tracing and lowering the train step ...")
     t = time.perf_counter()
@@ -143,21 +205,31 @@ def measure(args: argparse.Namespace, dtype: str) -> dict:
   return result
 
 
-def run_child(args: argparse.Namespace, dtype: str) -> dict:
-  """``measure`` in a fresh process; a crash becomes an error entry."""
+def run_child(args: argparse.Namespace, row: str, dtype: str, timeout: float) -> dict:
+  """One row and dtype in a fresh process; a crash or the budget's end becomes an error entry."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--dtypes", dtype, "--json", out,
-           "--accum_steps", str(args.accum_steps), "--steps", str(args.steps)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", row, "--dtypes", dtype,
+           "--json", out, "--accum_steps", str(args.accum_steps), "--steps", str(args.steps)]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--micro_batch_size", str(args.micro_batch_size)] if args.micro_batch_size else []
+    cmd += ["--batch", str(args.batch)] if args.batch else []
+    cmd += ["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else []
     cmd += ["--compile_cache", args.compile_cache] if args.compile_cache else []
     cmd += ["--lower_only"] if args.lower_only else []
-    rc = subprocess.call(cmd)
+    try:
+      rc = subprocess.call(cmd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"row": row, "dtype": dtype, "error": f"stopped at the time budget ({timeout:.0f} s left)"}
     if os.path.exists(out):
       with open(out) as f:
         return json.load(f)[0]
-    return {"dtype": dtype, "error": f"child process exited with status {rc} (see its output above)"}
+    return {"row": row, "dtype": dtype,
+            "error": f"child process exited with status {rc} (see its output above)"}
+
+
+def measure_one(args: argparse.Namespace, row: str, dtype: str) -> dict:
+  return measure(args, dtype) if row == "imagenet_cgn" else measure_network(args, row, dtype)
 
 
 def _gib(n) -> str:
@@ -165,6 +237,27 @@ def _gib(n) -> str:
 
 
 def report(results: list[dict], tiny: bool) -> None:
+  nets = [r for r in results if r.get("row") != "imagenet_cgn"]
+  results = [r for r in results if r.get("row") == "imagenet_cgn"]
+  if nets:
+    print("\n| row | dtype | device | batch | first call s | s per call (min) | images/s | TFLOP/s "
+          "| of bf16 peak | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in nets:
+    if "error" in r:
+      print(f"| {r['row']} | {r['dtype']} | {r.get('device', '?')} | {r.get('batch', '?')} | "
+            f"{r['error']} |")
+      continue
+    frac = r.get("fraction_of_bf16_peak")
+    print(f"| {r['row']} | {r['dtype']} | {r['devices']} x {r['device']} | {r['batch']} | "
+          f"{r['first_call_s']:.1f} | {r['call_min_s']:.4f} | {r['images_per_s']:.1f} | "
+          f"{r['tflops']:.1f} | {'' if frac is None else f'{100 * frac:.1f} %'} | "
+          f"{_gib(r['peak_bytes'])} |" if "tflops" in r else
+          f"| {r['row']} | {r['dtype']} | {r['devices']} x {r['device']} | {r['batch']} | "
+          f"{r['first_call_s']:.1f} | {r['call_min_s']:.4f} | {r['images_per_s']:.1f} | | | "
+          f"{_gib(r['peak_bytes'])} |")
+  if not results:
+    return
   print("\n| model | dtype | device | micro batch x accum | lower + compile s | step s mean / min | "
         "s per micro-batch | s per sample | samples/s | peak GiB | XLA temp GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -196,7 +289,13 @@ def report(results: list[dict], tiny: bool) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tiny", action="store_true", help="configs/imagenet.py:tiny (CPU check)")
+  p.add_argument("--tiny", action="store_true", help="the tiny networks (CPU check)")
+  p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+  p.add_argument("--batch", type=int, default=0, help="batch of the network rows (default per row)")
+  p.add_argument("--budget_s", type=float, default=450.0,
+                 help="skip rows that would start after this many seconds (the run must fit in 8 min)")
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="the device's dense bf16 peak, if its kind is not in the built-in table")
   p.add_argument("--micro_batch_size", type=int, default=0,
                  help="global micro-batch (default: 8 per device, 4 with --tiny)")
   p.add_argument("--accum_steps", type=int, default=2, help="micro-batches per optimizer update")
@@ -213,16 +312,25 @@ def main() -> None:
   args = p.parse_args()
   args.dtypes = args.dtypes or (["float32"] if args.tiny else ["float32", "bfloat16"])
 
+  jobs = [(row, d) for row in args.rows for d in args.dtypes
+          if d in args.dtypes and (d == "float32" or row in ("biggan", "u2net", "imagenet_cgn"))]
   if args.in_process or args.child:
-    results = [measure(args, d) for d in args.dtypes]
+    results = [measure_one(args, row, d) for row, d in jobs]
   else:
     results = []
-    for d in args.dtypes:
-      log(f"--- {d} (child process) ---")
-      results.append(run_child(args, d))
+    for row, d in jobs:
+      left = args.budget_s - (time.time() - _T0)
+      if left <= 0:
+        results.append({"row": row, "dtype": d, "error": f"skipped: past the {args.budget_s:.0f} s budget"})
+        log(f"--- {row} {d}: skipped (budget) ---")
+        continue
+      log(f"--- {row} {d} (child process) ---")
+      results.append(run_child(args, row, d, timeout=left))
   if args.json:
-    with open(args.json, "w") as f:
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
       json.dump(results, f, indent=1)
+    os.replace(tmp, args.json)
   if not args.child:
     report(results, args.tiny)
     log("done")

@@ -167,6 +167,25 @@ TOLERANCES: dict[str, Tol] = {
     # get_all_patches is pure indexing: bit-exact.
     "losses/patches": EXACT,
 
+    # ---- Inception-v3, torchvision and FID graphs (README §9 suggests atol 1e-4 on logits, 1e-5
+    # on pool3 / Mixed_*; its noise: torch 1-vs-2 threads 4.4e-5 on logits). That noise understates
+    # how far the float32 reference is from exact arithmetic in this random, BN-calibrated network:
+    # against float64 evaluations of the same weights (torch float64 and the port in float64 agree
+    # to 1e-12 on both graphs) the fixture is 3.0e-5 off on Mixed_5d, 3.6e-4 on Mixed_6e, 2.6e-4 on
+    # pool3 and 3.4e-4 on logits (FID graph; torchvision graph 1.8e-4), and torch 2.14 float32 on
+    # another machine lands 5.4e-4 from the fixture's logits. The float32 port is as far from
+    # float64 (4.9e-5, 4.3e-4, 3.0e-4, 4.5e-4). Bounds: the two distances summed, 2.5x. A mixed-up
+    # graph moves the logits by up to 10.6; count_include_pad wrong in Mixed_5b alone moves
+    # Mixed_5d by 1.7 and the logits by 2.3.
+    "inception/Mixed_5d": Tol(2e-4, noise=None),
+    "inception/Mixed_6e": Tol(2e-3, noise=None),
+    "inception/pool3": Tol(1.5e-3, noise=None),
+    "inception/logits": Tol(2e-3, noise=4.4e-5),
+    # Bilinear resize 256 -> 299 in [0, 1]: the README's 1e-6. Measured 1.2e-7 on the host (numpy),
+    # 1.8e-7 under XLA: one ulp where torch fuses a lerp's multiply-add (its weights are matched
+    # exactly, FMA included; rounding them separately gave 5.4e-7).
+    "inception/resize": Tol(1e-6, noise=None),
+
     # ---- Self-consistency: two paths of the port that must agree (no torch involved).
     # BigGAN with a traced truncation vs the Python-float (StatSelection) model: measured bit-
     # identical (0.0) at t = 0.405, 0.5, 0.28 on CPU, because the in-graph selection weights equal

@@ -13,6 +13,7 @@ JOBS = {
     "sample_mnist": "cgn_jax.jobs.sample_mnist:run",
     "sample_biggan": "cgn_jax.jobs.sample_biggan:run",
     "train_cgn_mnist": "cgn_jax.jobs.train_cgn_mnist:train_and_evaluate",
+    "train_gan_mnist": "cgn_jax.jobs.train_gan_mnist:train_and_evaluate",
     "generate_mnist": "cgn_jax.jobs.generate_mnist:run",
     "train_classifier": "cgn_jax.jobs.train_classifier:train_and_evaluate",
     "mnist_pipeline": "cgn_jax.jobs.mnist_pipeline:run",
@@ -20,6 +21,8 @@ JOBS = {
     "generate_imagenet": "cgn_jax.jobs.generate_imagenet:run",
     "train_classifier_imagenet": "cgn_jax.jobs.train_classifier_imagenet:train_and_evaluate",
     "evaluate_classifier_imagenet": "cgn_jax.jobs.evaluate_classifier_imagenet:run",
+    "evaluate_generation": "cgn_jax.jobs.evaluate_generation:run",
+    "explain_classifier": "cgn_jax.jobs.explain_classifier:run",
 }
 
 

@@ -7,6 +7,10 @@ background labels are fresh random permutations of the batch's labels (the autho
 the *shape* class. The dataset stores all three label columns (label = shape, texture, bg); a batch
 is stored round by round (its ``no_cfs`` counterfactuals of row 0..B-1, then the next round).
 
+The generator may also be a GAN exported by ``train_gan_mnist`` (``checkpoint`` = its
+``<workdir>/generator``): ``no_cfs`` samples of fresh noise per label, written the same way to
+``<dataset>_gan`` ([Re]'s ``generate_gan_dataset``; texture and bg columns = the class).
+
 Output: ``<workdir>/<dataset>_counterfactual`` (``out_dir`` overrides; see cgn_jax/data/storage.py)
 and beside it ``<name>_preview.png``, a grid of its first 64 images. Batch ``i`` takes the i-th draw
 of the label stream ``default_rng(seed)`` and the noise ``fold_in(key(seed), i)``, so a rerun after
@@ -45,7 +49,7 @@ from cgn_jax.data import storage
 from cgn_jax.data.mnist_variants import VARIANTS
 from cgn_jax.data.sheets import save_image_grid
 from cgn_jax.errors import check_choice
-from cgn_jax.models import loading, mnist_cgn
+from cgn_jax.models import loading, mnist_cgn, mnist_gan
 from cgn_jax.models.mnist_cgn import MnistCGN
 
 # Bump when the same config would give other images: the fingerprint then refuses old datasets.
@@ -92,7 +96,8 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"checkpoint {config.checkpoint} not found; pass --config.checkpoint= an authors' .pth, a "
         "converted dir or <train workdir>/generator (set $CGN_DATA to the folder holding "
         "pretrained/mnist_cgn/ for the default), or '' for random weights")
-  name = f"{config.dataset}_counterfactual"
+  kind = "gan" if mnist_gan.is_gan_checkpoint(config.checkpoint) else "counterfactual"
+  name = f"{config.dataset}_{kind}"
   out = os.path.abspath(config.out_dir or os.path.join(workdir, name))
   storage.check_replaceable(out)  # before minutes of work, not at the end
   p, nproc = jax.process_index(), jax.process_count()
@@ -123,8 +128,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> str:
 def _generate(config, out: str, fingerprint: dict, digest: str | None, converted: str) -> None:
   p, nproc = jax.process_index(), jax.process_count()
   cache = loading.conversion_cache(converted, digest) if digest else converted
-  cgn, variables = mnist_cgn.load_or_init(config.checkpoint, cache)
-  cgn = cgn.clone(subpixel=config.fast_upsample)
+  n_classes, variables, generate_fn = _load_generator(config, cache)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
   b, k = config.batch_size, config.no_cfs
@@ -143,7 +147,7 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
   if done and p == 0:
     print(f"resuming {out} at batch {start} of {n_batches} ({done} images of this process kept)")
 
-  fn = jax.jit(make_generate_fn(cgn, k, flatten=False),
+  fn = jax.jit(generate_fn,
                in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
                              parallel.replicated(mesh)),
                out_shardings=out_sharding)
@@ -151,7 +155,7 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
   key = jax.random.key(config.seed)
   label_rng = np.random.default_rng(config.seed)
   for _ in range(start):  # the same label stream as an uninterrupted run
-    label_rng.integers(0, cgn.n_classes, b)
+    label_rng.integers(0, n_classes, b)
   rounds_of_held = (np.arange(k)[:, None] * b + held[None, :]).reshape(-1)  # index in the batch
 
   def write(i, res):
@@ -166,7 +170,7 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
   pending = None
   for i in tqdm(range(start, n_batches), desc="counterfactuals", unit="batch",
                 total=n_batches, initial=start, disable=not config.progress_bar or p != 0):
-    ys = label_rng.integers(0, cgn.n_classes, b).astype(np.int32)
+    ys = label_rng.integers(0, n_classes, b).astype(np.int32)
     res = fn(variables, parallel.shard_batch(ys, mesh), jax.random.fold_in(key, i))
     if pending is not None:  # write the previous batch while this one computes
       write(*pending)
@@ -184,6 +188,17 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
     storage.install_parts(out, meta, [_part(q, nproc) for q in range(nproc)], order=order)
     print(f"wrote {config.dataset_size} counterfactual images to {out} "
           f"({n_batches - start} batches in {time.time() - t0:.1f} s)")
+
+
+def _load_generator(config, cache: str):
+  """``(n_classes, variables, fn)``: ``fn(variables, ys, key)`` gives ``[no_cfs, B, ...]`` images
+  and label columns (``make_generate_fn(flatten=False)``), of a CGN or of an exported GAN."""
+  if mnist_gan.is_gan_checkpoint(config.checkpoint):
+    gen, variables = mnist_gan.load(config.checkpoint)
+    return gen.n_classes, variables, mnist_gan.make_generate_fn(gen, config.no_cfs)
+  cgn, variables = mnist_cgn.load_or_init(config.checkpoint, cache)
+  cgn = cgn.clone(subpixel=config.fast_upsample)
+  return cgn.n_classes, variables, make_generate_fn(cgn, config.no_cfs, flatten=False)
 
 
 def _fingerprint(config, digest: str | None, nproc: int) -> dict[str, Any]:

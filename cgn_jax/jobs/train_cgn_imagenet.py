@@ -93,20 +93,43 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
                                {k: k for k in MECHANISMS})
 
 
-def cgn_losses(out: dict, features_fn, texture_keys: jax.Array, config) -> dict[str, jax.Array]:
-  """The six generator losses with the authors' weights; each is a batch mean (train_cgn.py fit)."""
+# The lambdas that are runtime inputs of the compiled step (config.lambdas minus the interval).
+WEIGHT_NAMES = ("l1", "perc", "binary", "mask", "text", "bg")
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """``config.lambdas`` as float32 arrays, passed to the jitted step as data rather than baked into
+  it: runs that differ only in their weights (the loss ablation's rows) run one compiled program,
+  which the persistent compilation cache then serves to every run after the first."""
+  return {n: np.asarray(config.lambdas[n], np.float32) for n in WEIGHT_NAMES}
+
+
+def cgn_losses(out: dict, features_fn, texture_keys: jax.Array, config,
+               weights: dict | None = None) -> dict[str, jax.Array]:
+  """The six generator losses with the authors' weights; each is a batch mean (train_cgn.py fit).
+
+  ``weights`` (``loss_weights``, possibly traced) replaces ``config.lambdas``' values; then every
+  term is computed, and a zero weight gives an exact 0 (0 * a finite loss: the mask is clamped away
+  from {0, 1}, so the binary entropy and its gradient stay finite). Without it, the config's Python
+  numbers are used. Either way a perceptual layer whose config weight is 0 is skipped.
+  """
   lam, tex = config.lambdas, config.texture
+  w = {n: lam[n] for n in WEIGHT_NAMES} if weights is None else weights
+  # A traced vector -> its scalars, except a layer whose config weight is 0 stays a static 0: its
+  # VGG block is then not run at all (the texture loss's [0, 5, 5, 0] skips block 4). Rows that
+  # zero a whole vector (no_text, no_rec) thus compile their own, cheaper program.
+  layers = lambda v, cfg: tuple(0.0 if float(cfg[k]) == 0.0 else v[k] for k in range(len(v)))
   terms = {
-      "l1": losses.reconstruction_loss(out["x_gen"], out["x_gt"], lam.l1, "l1"),
+      "l1": losses.reconstruction_loss(out["x_gen"], out["x_gt"], w["l1"], "l1"),
       "perc": losses.perceptual_loss(features_fn, out["x_gen"], out["x_gt"],
-                                     style_weights=tuple(lam.perc))[0],
-      "binary": losses.binary_loss(out["mask"], lam.binary),
-      "mask": jnp.mean(losses.mask_loss(out["mask"], lam.mask, tuple(lam.mask_interval))),
+                                     style_weights=layers(w["perc"], lam.perc))[0],
+      "binary": losses.binary_loss(out["mask"], w["binary"]),
+      "mask": jnp.mean(losses.mask_loss(out["mask"], w["mask"], tuple(lam.mask_interval))),
       "perc_text": losses.texture_loss(
           features_fn, texture_keys, out["x_gt"], out["mask"], out["foreground"],
-          style_weights=tuple(lam.text), patch_size=(tex.patch_size,) * 2,
+          style_weights=layers(w["text"], lam.text), patch_size=(tex.patch_size,) * 2,
           sample_size=tex.sample_size, n_up=tex.n_up, work_size=(tex.work_size,) * 2)[0],
-      "bg": jnp.mean(losses.background_loss(out["bg_mask"], lam.bg)),
+      "bg": jnp.mean(losses.background_loss(out["bg_mask"], w["bg"])),
   }
   terms["total"] = sum(terms.values())
   return terms
@@ -125,30 +148,31 @@ def draw_inputs(key: jax.Array, index: jax.Array, z_dim: int, num_classes: int, 
 
 def make_grad_fn(config: ml_collections.ConfigDict, model: ImagenetCGN, features_fn, mesh=None,
                  micro_batch_size: int | None = None, accum_steps: int | None = None) -> Callable:
-  """``grads(params, batch_stats, frozen, episode_key) -> (mean gradient, batch_stats, mean terms)``
-  over ``micro_batch_size * accum_steps`` examples, summed micro-batch by micro-batch in a scan."""
+  """``grads(params, batch_stats, frozen, episode_key, weights=None) -> (mean gradient, batch_stats,
+  mean terms)`` over ``micro_batch_size * accum_steps`` examples, summed micro-batch by micro-batch
+  in a scan; ``weights`` as in ``cgn_losses`` (None: the config's lambdas, baked in)."""
   b = micro_batch_size or config.train.micro_batch_size
   k_acc = accum_steps or config.train.accum_steps
   gan = model.config.biggan
   truncation = float(config.truncation)
   rows = parallel.batch_sharding(mesh) if mesh is not None else None
 
-  def loss_fn(params, stats, frozen, z, y, tex_keys):
+  def loss_fn(params, stats, frozen, z, y, tex_keys, weights):
     variables = {"params": {**params, **frozen}, "batch_stats": stats}
     out, new = model.apply(variables, z, y, y, y, truncation, train=True, mutable=["batch_stats"])
-    terms = cgn_losses(out, features_fn, tex_keys, config)
+    terms = cgn_losses(out, features_fn, tex_keys, config, weights)
     return terms["total"], (terms, new["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def grads(params, stats, frozen, episode_key):
+  def grads(params, stats, frozen, episode_key, weights=None):
     def micro(carry, m):
       g_sum, stats, t_sum = carry
       index = m * b + jnp.arange(b)
       if rows is not None:  # each device draws and runs its own rows
         index = jax.lax.with_sharding_constraint(index, rows)
       z, y, tex_keys = draw_inputs(episode_key, index, gan.z_dim, gan.num_classes, truncation)
-      (_, (terms, stats)), g = grad_fn(params, stats, frozen, z, y, tex_keys)
+      (_, (terms, stats)), g = grad_fn(params, stats, frozen, z, y, tex_keys, weights)
       return (jax.tree.map(jnp.add, g_sum, g), stats,
               {n: t_sum[n] + terms[n] for n in LOSS_NAMES}), None
 
@@ -163,14 +187,14 @@ def make_grad_fn(config: ml_collections.ConfigDict, model: ImagenetCGN, features
 
 def make_train_step(config: ml_collections.ConfigDict, model: ImagenetCGN,
                     tx: optax.GradientTransformation, features_fn, mesh=None) -> Callable:
-  """``step(state, batch, key, frozen_params) -> (state, losses)``: one episode, one update (there
-  is no batch: the generators draw their own inputs)."""
+  """``step(state, batch, key, constants) -> (state, losses)``: one episode, one update (there is
+  no batch: the generators draw their own inputs); ``constants`` is ``step_constants(...)``."""
   grads_fn = make_grad_fn(config, model, features_fn, mesh)
 
-  def step(state: TrainState, batch: None, key: jax.Array, frozen: Any):
+  def step(state: TrainState, batch: None, key: jax.Array, constants: dict):
     del batch
-    grads, stats, terms = grads_fn(state.params, state.batch_stats, frozen,
-                                   jax.random.fold_in(key, state.step))
+    grads, stats, terms = grads_fn(state.params, state.batch_stats, constants["frozen"],
+                                   jax.random.fold_in(key, state.step), constants["loss_weights"])
     # The authors' summed-gradient scale on top of the mean (see configs/imagenet.py).
     grads = jax.tree.map(lambda g: g * config.train.grad_scale, grads)
     updates, opt = tx.update(grads, state.opt, state.params)
@@ -179,6 +203,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: ImagenetCGN,
     return new, {f"loss_{n}": t for n, t in terms.items()}
 
   return step
+
+
+def step_constants(config: ml_collections.ConfigDict, frozen: Any) -> dict:
+  """The train step's inputs that never change during a run: the frozen parts' params and the
+  loss weights (see ``loss_weights``)."""
+  return {"frozen": frozen, "loss_weights": loss_weights(config)}
 
 
 def sample_sheet(model: ImagenetCGN, variables: dict, u_fixed: np.ndarray, classes, truncation: float,
@@ -239,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                          batch_stats=variables["batch_stats"], opt=tx.init(trainable)),
         step_fn=make_train_step(config, model, tx, features_fn, mesh),
         metrics=[f"loss_{n}" for n in LOSS_NAMES],
-        num_steps=config.train.episodes, key=jax.random.key(config.seed + 3), constants=frozen,
+        num_steps=config.train.episodes, key=jax.random.key(config.seed + 3),
+        constants=step_constants(config, frozen),
         hooks=[training.Hook(config.log.sample_every, sheet, at_end=bool(config.log.sample_every))],
         export=lambda s: export_cgn(os.path.join(workdir, "cgn"), whole(s, local_frozen), cfg,
                                     int(s.step)),
