@@ -206,7 +206,7 @@ def candidates(batch: int) -> tuple[str, ...]:
 
 
 def _key(x_shape, k_shape, stride, padding, dtype) -> str:
-  return (f"{_cpu_model()}|jax {jax.__version__}|threads {_threads()}|x{tuple(x_shape)}|"
+  return (f"{cpu_model()}|jax {jax.__version__}|threads {_threads()}|x{tuple(x_shape)}|"
           f"k{tuple(k_shape)}|s{stride}|p{padding}|{jnp.dtype(dtype).name}")
 
 
@@ -216,7 +216,8 @@ def _threads() -> str:
 
 
 @functools.lru_cache(None)
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (figures from one CPU do not carry to another)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
