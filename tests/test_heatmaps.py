@@ -96,6 +96,27 @@ def test_occlusion_matches_the_closed_form_on_a_region_model():
   assert all(region.reshape(-1)[np.argmax(hh)] for hh in heat.reshape(2, -1))
 
 
+def test_occlusion_ranks_patches_of_a_saturated_classifier():
+  """Logits (20 + sum over R, 0, 0): the top class's log-probability -log(1 + 2 exp(-s)) is
+  ~ -4e-9, which log_softmax rounds to 0 in float32 (every drop 0); ours keeps it, and the heat
+  matches a float64 reference."""
+  h = w = 8
+  region = np.zeros((h, w), bool)
+  region[2:4, 2:4] = True  # exactly one patch
+
+  def model(_, x):
+    s = 20.0 + jnp.sum(x[..., 0] * region, axis=(1, 2))
+    return jnp.stack([s, jnp.zeros_like(s), jnp.zeros_like(s)], -1)
+
+  x = np.full((1, h, w, 1), 0.5, np.float32)
+  heat = np.asarray(hm.occlusion_fn(model, patch=2, stride=2)(None, x))
+  masks = hm.patch_masks(h, w, 2, 2).astype(bool)
+  logp = lambda img: -np.log1p(2 * np.exp(-(20.0 + img[region].sum())))
+  want = sum((logp(x[0, ..., 0]) - logp(np.where(m, 0.0, x[0, ..., 0]))) * m for m in masks)
+  np.testing.assert_allclose(heat[0], want, rtol=1e-3, atol=1e-15)
+  assert heat[0][region].min() > 0 and np.all(heat[0][~region] == 0)
+
+
 def test_top_k_mask_iou_and_chance_on_hand_made_arrays():
   heat = np.array([[[0.9, 0.1], [0.1, -0.8]]])  # ties: the first in raster order wins
   assert hm.top_k_mask(heat, np.array([3])).tolist() == [[[True, True], [True, False]]]
@@ -107,6 +128,7 @@ def test_top_k_mask_iou_and_chance_on_hand_made_arrays():
   mask[0, :2, :2] = True  # area 4 of 16
   assert hm.heat_iou(mask * 3.0 - 1.0, mask)[0] == 1.0  # |heat| 2 on the mask, 1 elsewhere
   assert hm.heat_iou(mask * 1.5 - 2.0, mask)[0] == 0.0  # |heat| 0.5 on the mask, 2 elsewhere
+  assert hm.heat_iou(mask * 1.5 - 2.0, mask, sign="positive")[0] == 1.0  # -0.5 > -2
   assert hm.heat_iou(~mask * 1.0, mask)[0] == 0.0
   # fraction 0.5: the 8 hottest pixels, the 4 of the mask among them -> 4 / 8
   assert hm.heat_iou(mask * 2.0 + np.arange(16).reshape(1, 4, 4) / 100, mask, 0.5)[0] == 0.5
@@ -192,7 +214,8 @@ def test_tiny_job_writes_sheet_results_and_iou(tiny_job):
   assert "step 7" in res["classifiers"]["real"]["checkpoint"]
   for r in res["classifiers"].values():
     for method in job.METHODS:
-      assert 0 <= r[method]["mean"] <= 1
+      for sign in hm.SIGNS:
+        assert 0 <= r[method][sign]["mean"] <= 1
     assert r["ig_completeness_error"] < 0.5  # 4 trapezoid steps on a random CNN
   assert 0 < res["chance_iou"]["mean"] < 0.5
   names = sorted(res["classifiers"])  # ConfigDict's order
@@ -200,6 +223,11 @@ def test_tiny_job_writes_sheet_results_and_iou(tiny_job):
   assert res["sheet"]["columns"] == cols
   with Image.open(res["sheet"]["path"]) as im:  # 3 rows, 6 columns of 32 px, 2 px borders
     assert im.size == (6 * 34 + 2, 3 * 34 + 2)
+  arrays = np.load(os.path.join(workdir, job.ARRAYS))
+  assert arrays["real/occlusion"].shape == arrays["masks"].shape == (c.num_images, 32, 32)
+  np.testing.assert_allclose(  # the stored heat gives the reported IoU
+      hm.heat_iou(arrays["real/integrated_gradients"], arrays["masks"]).mean(),
+      res["classifiers"]["real"]["integrated_gradients"]["abs"]["mean"])
 
 
 def test_tiny_job_masks_lie_on_the_digits(tiny_job, data_dir):

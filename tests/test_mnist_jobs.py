@@ -214,10 +214,13 @@ def test_two_processes_equal_one_process(pipeline_run, data_dir, tmp_path):
   close_trees(checkpoints.load_variables(str(ref / "cgn" / "generator")),
               checkpoints.load_variables(str(work / "cgn" / "generator")),
               atol=2 * c.cgn.train.lr * c.cgn.train.num_steps)
-  # real-data classifier: the same inputs, so the same run
+  # real-data classifier: the same inputs, so the same run up to float noise. The cross-process
+  # reductions (BN statistics, the gradient sum) round differently from the 4-device ones, and
+  # Adadelta's normalised steps carry that into the weights: measured up to 1.8e-6 on 3 of 2400
+  # conv0 entries in CI (the max pool's first-max gradient moves with a near-tie that flips).
   same_metrics(ref / "classifier_real", work / "classifier_real")
   close_trees(checkpoints.read_train_checkpoint(str(ref / "classifier_real"))[0],
-              checkpoints.read_train_checkpoint(str(work / "classifier_real"))[0], atol=1e-6)
+              checkpoints.read_train_checkpoint(str(work / "classifier_real"))[0], atol=1e-5)
   # counterfactuals: one shard set per process, the manifest counts all, and the dataset equals
   # what one process makes from the same generator, bit for bit and in the same order
   name = f"{c.cgn.dataset}_counterfactual"

@@ -32,6 +32,7 @@ Array = jax.Array
 ApplyFn = Callable[[Any, Array], Any]
 SCORES = ("log_prob", "prob", "logit")
 RULES = ("trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+SIGNS = ("abs", "positive")
 
 
 def mnist_apply_fn(model) -> ApplyFn:
@@ -67,14 +68,31 @@ def _targets(out: dict[str, Array], targets: Any) -> dict[str, Array]:
   return {h: jnp.asarray(targets, jnp.int32) for h in out}
 
 
+def _log_prob(logits: Array, targets: Array) -> Array:
+  """(N,) log-probability of ``targets``, exact for a saturated classifier too.
+
+  ``log_softmax`` computes ``log(1 + rest)`` with ``rest`` the other classes' share; once the
+  margin exceeds ~17 that rounds to 0 in float32 and every occlusion drop of the top class is
+  exactly 0. ``log1p(rest)`` keeps it (about ``-rest``), so the patches still rank.
+  """
+  # The shift is a constant; expm1 of the top class's shifted logit is exactly 0 but keeps its
+  # derivative, so the gradient is log_softmax's (ties included).
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  is_top = jnp.arange(logits.shape[-1]) == jnp.argmax(logits, axis=-1)[:, None]
+  rest = jnp.sum(jnp.where(is_top, jnp.expm1(shifted), jnp.exp(shifted)), axis=-1)
+  return jnp.take_along_axis(shifted, targets[:, None], axis=-1)[:, 0] - jnp.log1p(rest)
+
+
 def _scores(out: dict[str, Array], targets: dict[str, Array], score: str) -> dict[str, Array]:
   """(N,) score of the target class per head."""
   res = {}
   for h, o in out.items():
     o = o.astype(jnp.float32)
-    s = jnp.take_along_axis(o if score == "logit" else jax.nn.log_softmax(o, axis=-1),
-                            targets[h][:, None], axis=-1)[:, 0]
-    res[h] = jnp.exp(s) if score == "prob" else s
+    if score == "logit":
+      res[h] = jnp.take_along_axis(o, targets[h][:, None], axis=-1)[:, 0]
+    else:
+      s = _log_prob(o, targets[h])
+      res[h] = jnp.exp(s) if score == "prob" else s
   return res
 
 
@@ -238,19 +256,23 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def heat_iou(heat: np.ndarray, mask: np.ndarray, fraction: float = 0.0) -> np.ndarray:
+def heat_iou(heat: np.ndarray, mask: np.ndarray, fraction: float = 0.0,
+             sign: str = "abs") -> np.ndarray:
   """(N,) IoU between a heatmap's top pixels and ``mask`` (N, H, W) bool.
 
-  The top pixels are ranked by the heat's magnitude (evidence of either sign: for a shape
-  classifier the background pixels that bound a stroke count as much as the stroke) and there are
-  as many as the mask has (``fraction`` = 0), so the IoU is 1 exactly when the heat ranks the
-  mask's pixels first and needs no threshold on the heat's scale, which differs between methods
-  and images; ``fraction`` > 0 takes that share of the pixels instead.
+  There are as many top pixels as the mask has (``fraction`` = 0), so the IoU is 1 exactly when
+  the heat ranks the mask's pixels first, and no threshold on the heat's scale (which differs
+  between methods and images) is needed; ``fraction`` > 0 takes that share of the pixels instead.
+  ``sign="abs"`` ranks by magnitude: evidence of either sign, since for a shape classifier the
+  background pixels that bound a stroke can matter as much as the stroke. ``"positive"`` ranks by
+  the signed heat: the evidence *for* the class, as Grad-CAM (whose ReLU keeps only that) shows.
   """
+  _check("sign", sign, SIGNS)
   mask = np.asarray(mask, bool)
   k = (np.full(len(mask), round(fraction * mask[0].size)) if fraction > 0
        else mask.reshape(len(mask), -1).sum(1))
-  return iou(top_k_mask(np.abs(np.asarray(heat)), k), mask)
+  heat = np.asarray(heat)
+  return iou(top_k_mask(np.abs(heat) if sign == "abs" else heat, k), mask)
 
 
 def chance_iou(mask: np.ndarray, fraction: float = 0.0) -> np.ndarray:
@@ -295,7 +317,7 @@ def overlay(images: np.ndarray, heat: np.ndarray) -> np.ndarray:
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   a = h[..., None]
-  return (0.45 * x * (1 - a) + colormap(h) * a) * 2 - 1
+  return (0.6 * x * (1 - a) + colormap(h) * a) * 2 - 1
 
 
 def heat_image(heat: np.ndarray) -> np.ndarray:

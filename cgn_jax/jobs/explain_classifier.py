@@ -5,7 +5,8 @@ the authors' ``.pth``) and the first ``config.num_images`` images of a split of 
 it computes occlusion sensitivity and integrated gradients (``cgn_jax.evaluation.heatmaps``), and
 the IoU of each heatmap's top pixels with the digit's foreground mask; it writes
 ``heatmaps.png`` (rows: images; columns: image, mask, then per classifier the occlusion and the
-integrated-gradients overlay), ``results.json`` (temp name, then renamed) and prints a table.
+integrated-gradients overlay), ``results.json`` (temp name, then renamed), every heatmap in
+``heatmaps.npz`` (``<classifier>/<method>`` (N, 32, 32), ``masks``, ``labels``) and prints a table.
 
 The mask is the MNIST digit behind each image, thresholded at ``foreground_threshold`` (pixel >
 128 by default, Re-CGN's ``> 0.5`` on [0, 1] but for the grey level 128 itself) and resized to
@@ -36,6 +37,7 @@ from cgn_jax.models import classifiers
 
 RESULTS = "results.json"
 SHEET = "heatmaps.png"
+ARRAYS = "heatmaps.npz"
 METHODS = ("occlusion", "integrated_gradients")
 
 
@@ -168,11 +170,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "dataset": config.dataset, "split": config.split, "dataset_dir": os.path.abspath(data),
       "num_images": int(n), "target": config.target, "score": config.score,
       "mask": f"MNIST pixel > {config.foreground_threshold}",
-      "iou_top_pixels": (f"top {config.iou_fraction:.0%} of |heat|" if config.iou_fraction > 0
-                         else "top |mask| pixels of |heat| (as many as the mask has)"),
+      "iou_top_pixels": (f"top {config.iou_fraction:.0%} of the pixels" if config.iou_fraction > 0
+                         else "top |mask| pixels (as many as the mask has)"),
       "mask_area": _stats(masks.reshape(n, -1).mean(1)), "chance_iou": _stats(chance),
       "occlusion": occ.to_dict(), "integrated_gradients": ig.to_dict(), "classifiers": {}}
   columns: dict[str, np.ndarray] = {}
+  arrays = {"masks": masks, "labels": labels}
   k = min(config.sheet.num_images, n)
   for name, path in paths.items():
     _, variables, what = load_classifier(path, os.path.join(workdir, "converted"))
@@ -186,8 +189,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           / max(np.mean(np.abs(gap)), 1e-12)),
            "seconds": time.time() - t1}
     for method in METHODS:
-      res[method] = _stats(heatmaps.heat_iou(out[method], masks, config.iou_fraction))
+      res[method] = {sign: _stats(heatmaps.heat_iou(out[method], masks, config.iou_fraction, sign))
+                     for sign in heatmaps.SIGNS}
       columns[f"{name} {method}"] = out[method][:k]
+      arrays[f"{name}/{method}"] = out[method].astype(np.float32)
+    arrays[f"{name}/predicted"] = out["pred"]
     results["classifiers"][name] = res
 
   cells, names = heatmaps.sheet_rows(images[:k], columns, masks[:k])
@@ -196,6 +202,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     sheets.save_image_grid(results["sheet"]["path"], cells.reshape((-1,) + cells.shape[2:]),
                            nrow=cells.shape[1], scale=config.sheet.scale)
+    # Every heatmap, so other thresholds or masks need no second run.
+    atomic_write(os.path.join(workdir, ARRAYS), lambda f: np.savez_compressed(f, **arrays))
     text = json.dumps(results, indent=1)
     atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
     print(table(results), flush=True)
@@ -203,17 +211,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def table(results: dict) -> str:
-  """The printed summary: IoU with the digit mask per classifier and method."""
+  """The printed summary: IoU with the digit mask per classifier, method and ranking."""
   ch = results["chance_iou"]
   lines = [f"{results['dataset']} {results['split']}[:{results['num_images']}]: IoU of the "
-           f"heatmap's {results['iou_top_pixels']} with the digit mask ({results['mask']}); "
-           f"mean ± std over images, chance {ch['mean']:.3f}",
-           f"  {'classifier':<16}{'accuracy':>9}{'occlusion':>17}{'integrated grad.':>19}"
-           f"{'IG compl. err':>15}"]
+           f"heatmap's {results['iou_top_pixels']} with the digit mask ({results['mask']}), mean "
+           f"± std over images; pixels ranked by |heat| or by heat (h > 0: evidence for the "
+           f"class); chance {ch['mean']:.3f}",
+           f"  {'classifier':<16}{'accuracy':>9}   {'occlusion |h|':>14}{'occlusion h':>14}"
+           f"{'int. grad. |h|':>15}{'int. grad. h':>14}{'IG compl. err':>15}"]
   for name, r in results["classifiers"].items():
-    o, g = r["occlusion"], r["integrated_gradients"]
-    lines.append(f"  {name:<16}{r['accuracy']:>8.1f}%{o['mean']:>10.3f} ± {o['std']:.3f}"
-                 f"{g['mean']:>12.3f} ± {g['std']:.3f}{r['ig_completeness_error']:>14.1%}")
+    cells = "".join(f"{r[m][s]['mean']:>7.3f} ± {r[m][s]['std']:.2f}" for m in METHODS
+                    for s in heatmaps.SIGNS)
+    lines.append(f"  {name:<16}{r['accuracy']:>8.1f}%   {cells}{r['ig_completeness_error']:>14.1%}")
   lines.append(f"  heatmaps of the {results['target']} class's {results['score']}; sheet "
                f"{results['sheet']['path']} (columns: {', '.join(results['sheet']['columns'])})")
   return "\n".join(lines)
