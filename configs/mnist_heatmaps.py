@@ -5,11 +5,14 @@
       --config.pipeline_dir=/tmp/cgn_quickstart
 
 explains the quickstart's two Double-colored MNIST classifiers (trained on real data and on
-counterfactuals) on the first 1000 test images: occlusion sensitivity and integrated gradients,
-``heatmaps.png`` and ``results.json`` in the workdir. Any ``train_classifier`` workdirs work too
-(``--config.classifiers.real=DIR --config.classifiers.counterfactual=DIR``). Measured on this
-project's shared 2-core CPU: see README "Evidence heatmaps" (IoU, chance level, seconds).
-``:tiny`` runs every step on 8 images with small settings (tests).
+counterfactuals) on the first 500 test images: occlusion sensitivity and integrated gradients,
+``heatmaps.png``, ``heatmaps.npz`` and ``results.json`` in the workdir. Any ``train_classifier``
+workdirs work too (``--config.classifiers.real=DIR --config.classifiers.counterfactual=DIR``).
+Measured on one shared core of this project's CPU: 7 min 45 s. IoU with the digit mask (top
+|mask| pixels, chance 0.068), counterfactual vs real CNN: integrated gradients 0.208 vs 0.171
+(|heat|), 0.197 vs 0.102 (positive heat); occlusion the other way, 0.064 vs 0.252 and 0.066 vs
+0.125 (README "Evidence heatmaps" says why).
+``:tiny`` runs every step on 6 images with small settings (tests).
 
 Not an experiment of the paper: Re-CGN (Bagad et al. 2022; their experiments/gradcam_utils.py)
 report the IoU of Grad-CAM maps (torchmetrics' JaccardIndex, i.e. the min-max-scaled map > 0.5)
@@ -37,7 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dataset_limit = -1                 # for building the variant here only
   c.data_seed = 0
   c.split = "test"                     # the variant's unbiased split (colours independent of digit)
-  c.num_images = 1000                  # the first N of the split (Re-CGN: the whole test split)
+  c.num_images = 500                   # the first N of the split (Re-CGN: the whole test split)
   c.batch_size = 50
   # The class explained: "predicted" shows the evidence for the decision the CNN took (Re-CGN's
   # Grad-CAM default); "label" the evidence for the true digit.
@@ -51,7 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.occlusion = ml_collections.ConfigDict()
   c.occlusion.patch = 4                # a stroke is 2-4 px wide at 32 x 32
   c.occlusion.stride = 2               # 15 x 15 = 225 positions per image
-  c.occlusion.baseline = 0.0           # mid-grey in [-1, 1]: neither a digit nor a background colour
+  c.occlusion.baseline = 0.0           # mid-grey in [-1, 1]: no digit, no background colour
   c.occlusion.chunk = 25               # positions per forward pass (x batch_size images)
   c.ig = ml_collections.ConfigDict()
   c.ig.steps = 32

@@ -78,8 +78,8 @@ def load_classifier(path: str, cache_dir: str) -> tuple[classifiers.MnistCNN, An
   if os.path.isdir(os.path.join(path, "checkpoints")):
     tree, record = checkpoints.read_train_checkpoint(path)
     state = tree["state"]
-    return (classifiers.MnistCNN(), {"params": state["params"], "batch_stats": state["batch_stats"]},
-            f"{path} (training checkpoint, step {record['step']})")
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return classifiers.MnistCNN(), variables, f"{path} (training checkpoint, step {record['step']})"
   model, variables = classifiers.load(path, cache_dir)
   return model, variables, path
 
@@ -94,7 +94,8 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, s
   manifest = storage.read_manifest(path)
   if manifest.get("name") != config.dataset:
     raise ConfigError(f"{path} holds {manifest.get('name')}, not --config.dataset="
-                      f"{config.dataset}; pass the matching --config.dataset or --config.dataset_dir")
+                      f"{config.dataset}; pass the matching --config.dataset or "
+                      "--config.dataset_dir")
   # The masks come from the very digits the images were made of.
   source = manifest.get("source", "")
   return path, source if source and os.path.isdir(source) else config.data_dir
@@ -146,8 +147,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Explains every classifier on the split; returns what results.json holds."""
   check_inputs(config)
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
   paths = classifier_paths(config)
+  os.makedirs(workdir, exist_ok=True)
   data, raw = dataset_dir(config, workdir)
   stored, labels, encoding = batches.load_split(data, config.split)
   n = min(config.num_images, len(labels))
@@ -206,6 +207,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     atomic_write(os.path.join(workdir, ARRAYS), lambda f: np.savez_compressed(f, **arrays))
     text = json.dumps(results, indent=1)
     atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
+    for name in (ARRAYS, RESULTS):  # mkstemp's 0600 would hide them from other users
+      os.chmod(os.path.join(workdir, name), 0o644)
     print(table(results), flush=True)
   return results
 
