@@ -14,8 +14,8 @@ samples (the authors: batch 1 x 4000 accumulated passes), 300 episodes. Expect t
 premask, mask, foreground, background, composite, x_gt) to move from four copies of the BigGAN image
 towards a clean object mask and class textures after a few dozen episodes; the [Re] report measured
 0.5 s per batch-1 pass on a GTX 1080 Ti (~167 h for the full schedule); scripts/gpu_check_imagenet.py
-times ours. ``:tiny`` (random 32-px BigGANs, U2NETP, random VGG) trains on a CPU in about a minute
-and is what the tests run: it shows the plumbing, not images.
+times ours. ``:tiny`` (random 32-px BigGANs, U2NETP, random VGG) trains on a 2-core CPU in about two
+minutes (mostly compiling) and is what the tests run: it shows the plumbing, not images.
 """
 
 import ml_collections
@@ -88,7 +88,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.allow_random_init = True
     c.model.output_dim = 32
     c.model.channel_width = 4
-    c.model.layers = ((True, 16, 8), (False, 8, 4), (True, 4, 2), (True, 2, 1))  # 4 -> 32 px
+    # 4 -> 32 px in three upsampling blocks: each block of the four BigGANs is compiled forward
+    # and backward, so one block fewer is a quarter off every tiny run's compile (CI time); the
+    # published layouts' non-upsampling blocks are covered by the BigGAN parity fixtures.
+    c.model.layers = ((True, 16, 8), (True, 8, 4), (True, 4, 2))
     c.model.attention_layer_position = 1
     c.model.u2net_variant = "u2netp"
     c.sheet_classes = (15, 251, 330)

@@ -26,10 +26,18 @@ import jax
 import numpy as np
 import pytest
 
-# One persistent compilation cache per test session: jobs that are run twice with the same shapes
-# (resume tests) compile once. CGN_TEST_JAX_CACHE reuses a cache across sessions.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("CGN_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="cgn_jax_cache_"))
+# One persistent compilation cache per test session, shared by both pytest-xdist workers (their
+# files compile many of the same tiny-config programs) and by the jobs they start: a program
+# compiled once is loaded everywhere else. CGN_TEST_JAX_CACHE reuses a cache across sessions.
+# A size limit turns on JAX's file lock around every cache read and write, so that no process
+# reads an entry another one is still writing (the children get the limit through the variable).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE = os.environ.get("CGN_TEST_JAX_CACHE") or (
+    os.path.join(tempfile.gettempdir(), f"cgn_jax_cache_{_RUN_ID}") if _RUN_ID
+    else tempfile.mkdtemp(prefix="cgn_jax_cache_"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 * 2**30))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

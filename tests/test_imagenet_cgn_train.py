@@ -96,20 +96,21 @@ def test_one_and_four_devices_agree(tiny_run, data_dir, tmp_path):
       assert a[f"loss_{n}"] == pytest.approx(b[f"loss_{n}"], rel=2e-4, abs=1e-5), (a["step"], n)
 
 
-def test_sigkill_between_and_during_saves_then_rerun_equals_the_shared_run(tiny_run, data_dir,
+def test_sigkill_between_saves_then_rerun_equals_the_shared_run(tiny_run, data_dir,
                                                                            tmp_path):
-  """The CLI, killed (SIGKILL) after episode 3's metrics (between checkpoints 2 and 4), rerun and
-  killed again while checkpoint 4 is being written, rerun to the end: bitwise the shared run."""
+  """The CLI, killed (SIGKILL) after episode 3's metrics (between checkpoints 2 and 4), rerun to
+  the end: bitwise the shared run, so this job's whole state (spectral vectors, RNG, optimizer) is
+  in its checkpoint. A kill while a checkpoint is being written is the shared loop's, tested for
+  the MNIST jobs in test_crash_safety.py (each kill here is a ~70 s CLI run of CI time)."""
   from crash import assert_same_run, ok, run_cli
   _, ref, _ = tiny_run
   args = ["--config", "configs/imagenet.py:tiny", f"--workdir={tmp_path}",
           f"--config.u_fixed={os.path.join(data_dir, 'pretrained', 'imagenet', 'u_fixed.npy')}",
           f"--config.train.episodes={EPISODES}", "--config.log.checkpoint_every=2",
           f"--config.log.sample_every={EPISODES}"]
-  for fault, at in (("kill_after_row", 3), ("kill_in_save", 4)):
-    killed = run_cli(args, fault, at)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+  killed = run_cli(args, "kill_after_row", 3)
+  assert killed.returncode == -9, killed.stderr[-2000:]
   resumed = run_cli(args)
   ok(resumed)
-  assert "resuming from episode" in resumed.stdout, resumed.stdout
+  assert "resuming from episode 2" in resumed.stdout, resumed.stdout
   assert_same_run(ref, str(tmp_path), export="cgn")
