@@ -186,7 +186,9 @@ def _generate(config, out: str, fingerprint: dict, digest: str | None, converted
     order = (_stored_positions(out_sharding, n_batches, k, b, config.dataset_size)
              if nproc > 1 else None)
     storage.install_parts(out, meta, [_part(q, nproc) for q in range(nproc)], order=order)
-    print(f"wrote {config.dataset_size} counterfactual images to {out} "
+    what = ("GAN samples" if mnist_gan.is_gan_checkpoint(config.checkpoint)
+            else "counterfactual images")
+    print(f"wrote {config.dataset_size} {what} to {out} "
           f"({n_batches - start} batches in {time.time() - t0:.1f} s)")
 
 
