@@ -101,6 +101,8 @@ CASES = [
     Case("pipeline_data_dir_names_its_own_field",
          _with("quickstart.py:tiny", "--config.cgn.data_dir={nowhere}"),
          ("--config.cgn.data_dir=", "does not exist", "point --config.cgn.data_dir"), _gone("w")),
+    Case("heatmap_images_missing", _with("imagenet_heatmaps.py:tiny", "--config.images={nowhere}"),
+         ("--config.images=", "does not exist", "folder of .png/.jpg images"), _gone("w")),
     Case("checkpoint_empty_folder", _with("mnist_sample.py:tiny", "--config.checkpoint={empty}"),
          ("is an empty folder, not a converted checkpoint", "python -m converters mnist_cgn"),
          _gone("w")),

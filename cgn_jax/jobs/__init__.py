@@ -23,6 +23,7 @@ JOBS = {
     "evaluate_classifier_imagenet": "cgn_jax.jobs.evaluate_classifier_imagenet:run",
     "evaluate_generation": "cgn_jax.jobs.evaluate_generation:run",
     "explain_classifier": "cgn_jax.jobs.explain_classifier:run",
+    "explain_ensemble": "cgn_jax.jobs.explain_ensemble:run",
 }
 
 

@@ -11,48 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from cgn_jax import checkpoints, parallel
+from cgn_jax import parallel
 from cgn_jax.data import synthetic_imagenet
 from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.data.storage import DataError
 from cgn_jax.errors import check_choice
 from cgn_jax.evaluation import classifier_eval
 from cgn_jax.models import resnet
-
-def load_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, str]:
-  """``(module, variables, description)`` of ``config.checkpoint`` (see the module docstring)."""
-  path = config.checkpoint
-  dtype = jnp.dtype(config.model.dtype)
-  cache = os.path.join(workdir, "converted")
-  if not path:
-    if not config.allow_random_init:
-      raise checkpoints.CheckpointError("config.checkpoint is empty; pass --config.checkpoint=PATH (a training "
-                       "workdir, a converted dir or a .pth), or --config.allow_random_init=True "
-                       "to evaluate a random model")
-    model = resnet.ensemble_from_fields(config.model)
-    return model, resnet.init_variables(model, jax.random.key(config.seed),
-                                        config.data.image_size), "random initialisation"
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.checkpoint={path} does not exist; pass a training workdir, "
-                            f"a converted dir or a .pth")
-  if os.path.isdir(os.path.join(path, resnet.EXPORT_DIR)):
-    path = os.path.join(path, resnet.EXPORT_DIR)
-  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoints.META_FILE)):
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-      raise checkpoints.CheckpointError(f"{path} is neither a training workdir, nor a converted checkpoint; pass "
-                       f"one of those or a .pth")
-    tree, record = checkpoints.read_train_checkpoint(path)
-    model = resnet.ensemble_from_fields(config.model)
-    variables = {"params": tree["state"]["params"], "batch_stats": tree["state"]["batch_stats"]}
-    return model, variables, f"{path} (training checkpoint, step {tree['state']['step']})"
-  model, variables = resnet.load(path, cache, family=config.family or None, dtype=dtype)
-  return model, variables, path
+from cgn_jax.models.resnet import load_model
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:

@@ -22,12 +22,14 @@ converter's mapping reads like the checkpoint. Layout NHWC; parameters are float
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cgn_jax import checkpoints
 from cgn_jax.models import init as inits
 from cgn_jax.models import loading
 from cgn_jax.models.layers import TorchBatchNorm, max_pool_torch
@@ -206,3 +208,40 @@ def load(checkpoint: str, cache_dir: str | None = None, family: str | None = Non
   cfg = dict(meta["model_config"])
   cfg["blocks"] = tuple(cfg["blocks"])  # JSON gives a list
   return MODULES[family](**cfg, **module_kwargs), variables
+
+
+def load_model(config: Any, workdir: str) -> tuple[nn.Module, Any, str]:
+  """``(module, variables, description)`` of a classifier job's ``config.checkpoint``.
+
+  The checkpoint is a ``train_classifier_imagenet`` workdir (its exported ``ensemble/``, else its
+  newest training checkpoint, built from ``config.model``), a converted dir, or a ``.pth``
+  (converted into ``<workdir>/converted``; ``config.family`` names a torchvision ResNet's). Empty
+  with ``config.allow_random_init``: a fresh ``config.model`` ensemble (seed ``config.seed``).
+  Shared by the jobs that read a classifier (evaluation, heatmaps).
+  """
+  path = config.checkpoint
+  dtype = jnp.dtype(config.model.dtype)
+  cache = os.path.join(workdir, "converted")
+  if not path:
+    if not config.allow_random_init:
+      raise checkpoints.CheckpointError(
+          "config.checkpoint is empty; pass --config.checkpoint=PATH (a training workdir, a "
+          "converted dir or a .pth), or --config.allow_random_init=True to evaluate a random model")
+    model = ensemble_from_fields(config.model)
+    return model, init_variables(model, jax.random.key(config.seed),
+                                 config.data.image_size), "random initialisation"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.checkpoint={path} does not exist; pass a training workdir, "
+                            f"a converted dir or a .pth")
+  if os.path.isdir(os.path.join(path, EXPORT_DIR)):
+    path = os.path.join(path, EXPORT_DIR)
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoints.META_FILE)):
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+      raise checkpoints.CheckpointError(f"{path} is neither a training workdir, nor a converted "
+                                        f"checkpoint; pass one of those or a .pth")
+    tree, _ = checkpoints.read_train_checkpoint(path)
+    model = ensemble_from_fields(config.model)
+    variables = {"params": tree["state"]["params"], "batch_stats": tree["state"]["batch_stats"]}
+    return model, variables, f"{path} (training checkpoint, step {tree['state']['step']})"
+  model, variables = load(path, cache, family=config.family or None, dtype=dtype)
+  return model, variables, path
