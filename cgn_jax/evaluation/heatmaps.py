@@ -25,9 +25,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cgn_jax.data import sheets
+from cgn_jax.data.imagenet_cfs import atomic_write
 
 Array = jax.Array
 ApplyFn = Callable[[Any, Array], Any]
@@ -341,3 +347,21 @@ def sheet_rows(images: np.ndarray, columns: Mapping[str, np.ndarray],
     names.append(name)
   return np.stack(cells, axis=1), names
 
+
+# The files of both heatmap jobs (explain_classifier, explain_ensemble), in their workdir.
+RESULTS = "results.json"
+SHEET = "heatmaps.png"
+ARRAYS = "heatmaps.npz"
+
+
+def write_outputs(workdir: str, cells: np.ndarray, scale: int, arrays: Mapping[str, np.ndarray],
+                  results: dict) -> None:
+  """The sheet (``cells`` [rows, cols, H, W, 3]), every heatmap (so other thresholds or masks need
+  no second run) and results.json, each under a temp name then renamed, results.json last."""
+  sheets.save_image_grid(os.path.join(workdir, SHEET), cells.reshape((-1,) + cells.shape[2:]),
+                         nrow=cells.shape[1], scale=scale)
+  atomic_write(os.path.join(workdir, ARRAYS), lambda f: np.savez_compressed(f, **arrays))
+  text = json.dumps(results, indent=1)
+  atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
+  for name in (ARRAYS, RESULTS):  # mkstemp's 0600 would hide them from other users
+    os.chmod(os.path.join(workdir, name), 0o644)

@@ -18,7 +18,6 @@ on the heat's scale is needed, and the IoU a random heatmap would get is printed
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -28,16 +27,13 @@ import ml_collections
 import numpy as np
 
 from cgn_jax import checkpoints
-from cgn_jax.data import batches, mnist_idx, sheets, storage
+from cgn_jax.data import batches, mnist_idx, storage
 from cgn_jax.data import mnist_variants as mv
-from cgn_jax.data.imagenet_cfs import atomic_write
 from cgn_jax.errors import ConfigError, check_choice
 from cgn_jax.evaluation import heatmaps
 from cgn_jax.models import classifiers
 
-RESULTS = "results.json"
-SHEET = "heatmaps.png"
-ARRAYS = "heatmaps.npz"
+RESULTS, SHEET, ARRAYS = heatmaps.RESULTS, heatmaps.SHEET, heatmaps.ARRAYS
 METHODS = ("occlusion", "integrated_gradients")
 
 
@@ -201,14 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results["sheet"] = {"path": os.path.join(workdir, SHEET), "columns": names}
   results["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
-    sheets.save_image_grid(results["sheet"]["path"], cells.reshape((-1,) + cells.shape[2:]),
-                           nrow=cells.shape[1], scale=config.sheet.scale)
-    # Every heatmap, so other thresholds or masks need no second run.
-    atomic_write(os.path.join(workdir, ARRAYS), lambda f: np.savez_compressed(f, **arrays))
-    text = json.dumps(results, indent=1)
-    atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
-    for name in (ARRAYS, RESULTS):  # mkstemp's 0600 would hide them from other users
-      os.chmod(os.path.join(workdir, name), 0o644)
+    heatmaps.write_outputs(workdir, cells, config.sheet.scale, arrays, results)
     print(table(results), flush=True)
   return results
 

@@ -27,16 +27,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from cgn_jax.data import imagenet, sheets
-from cgn_jax.data.imagenet_cfs import atomic_write
+from cgn_jax.data import imagenet
 from cgn_jax.data.storage import DataError
 from cgn_jax.errors import ConfigError, check_choice, closest
 from cgn_jax.evaluation import classifier_eval, heatmaps
 from cgn_jax.models import resnet
 
-RESULTS = "results.json"
-SHEET = "heatmaps.png"
-ARRAYS = "heatmaps.npz"
+RESULTS, SHEET, ARRAYS = heatmaps.RESULTS, heatmaps.SHEET, heatmaps.ARRAYS
 METHODS = ("occlusion", "integrated_gradients")
 TARGETS = ("folder", "predicted")
 BASELINES = ("mean", "black")
@@ -272,13 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       arrays[f"{h}/{key}"] = out[h][key].astype(np.float32 if key in METHODS else np.int32)
   results["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
-    sheets.save_image_grid(results["sheet"]["path"], cells.reshape((-1,) + cells.shape[2:]),
-                           nrow=cells.shape[1], scale=config.sheet.scale)
-    atomic_write(os.path.join(workdir, ARRAYS), lambda f: np.savez_compressed(f, **arrays))
-    text = json.dumps(results, indent=1)
-    atomic_write(os.path.join(workdir, RESULTS), lambda f: f.write(text.encode()))
-    for name in (ARRAYS, RESULTS):  # mkstemp's 0600 would hide them from other users
-      os.chmod(os.path.join(workdir, name), 0o644)
+    heatmaps.write_outputs(workdir, cells, config.sheet.scale, arrays, results)
     print(table(results), flush=True)
   return results
 
