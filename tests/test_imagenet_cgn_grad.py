@@ -1,6 +1,6 @@
 """The ImageNet CGN's gradient function and initialisation on the tiny config: gradient
-accumulation equals one big batch, the total loss falls on a fixed batch, and the authors'
-initialisation from converted parts (split from test_imagenet_cgn_train.py to run beside it)."""
+accumulation equals one big batch, 4 devices equal 1, the total loss falls on a fixed batch, and
+the authors' initialisation from converted parts (split from test_imagenet_cgn_train.py to run beside it)."""
 
 import os
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from cgn_jax import checkpoints
+from cgn_jax import checkpoints, parallel
 from cgn_jax.jobs import train_cgn_imagenet as job
 from cgn_jax.models import imagenet_cgn, vgg
 from cgn_jax.models.biggan import init_variables as init_biggan, set_spectral_vectors
@@ -52,6 +52,26 @@ def test_gradient_accumulation_equals_one_big_batch(grad_setup):
   for m in imagenet_cgn.MECHANISMS:
     a = np.concatenate([v.ravel() for v in _flat(g1[m]).values()])
     b = np.concatenate([v.ravel() for v in _flat(g2[m]).values()])
+    rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+    print(f"{m}: relative gradient distance {rel:.2e}")
+    assert rel < 2e-3, (m, rel)
+
+
+def test_one_and_four_devices_give_the_same_gradient(grad_setup):
+  """On the 4-device mesh each device draws and runs its own rows, and the BigGANs' batch norm
+  takes its statistics over all of them: the gradient and the losses of the 1-device function."""
+  c, model, feats, params, frozen, stats, big = grad_setup
+  assert jax.device_count() == 4  # conftest
+  mesh = parallel.create_mesh()
+  four = jax.jit(job.make_grad_fn(c, model, feats, mesh, micro_batch_size=4, accum_steps=1))
+  key = jax.random.key(5)
+  g1, _, t1 = big(params, stats, frozen, key)
+  g4, _, t4 = four(*parallel.replicate((params, stats, frozen), mesh), key)
+  for n in job.LOSS_NAMES:
+    assert float(t4[n]) == pytest.approx(float(t1[n]), rel=2e-4, abs=1e-5), n
+  for m in imagenet_cgn.MECHANISMS:  # the accumulation test's rounding-noise bound
+    a = np.concatenate([v.ravel() for v in _flat(g1[m]).values()])
+    b = np.concatenate([v.ravel() for v in _flat(g4[m]).values()])
     rel = np.linalg.norm(b - a) / np.linalg.norm(a)
     print(f"{m}: relative gradient distance {rel:.2e}")
     assert rel < 2e-3, (m, rel)
