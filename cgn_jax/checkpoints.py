@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 META_FILE = "cgn_meta.json"
 _TREE_DIR = "variables"
@@ -27,8 +28,17 @@ _TREE_DIR = "variables"
 # device ops, one XLA compile per new shape: with 4 (simulated) CPU devices, a 25 MB ImageNet CGN
 # state took ~10 s per save for ~10,000 slices. Replica 0 writing each array whole is what Orbax
 # does on GPUs; the files are the same.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+def _register_array_handler() -> None:
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns of every override, on every run
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
 
 
 def _this_process_only() -> ocp.StandardCheckpointer:
