@@ -19,32 +19,13 @@ from cgn_jax.jobs import explain_ensemble as job
 from cgn_jax.models import resnet
 from configs import imagenet_heatmaps
 from configs.common import apply_overrides
+from test_heatmaps import _random_variables
 
 # (sub-folder, file, height, width): a WNID folder (tench = class 0), an index folder, none. Every
 # shorter side is the tiny Resize(36), so the crop is a plain slice of the file's pixels.
 IMAGES = (("n01440764", "a.png", 36, 36), ("5", "b.png", 44, 36), ("", "c.png", 36, 40))
 FOLDER_CLASS = (0, 5, None)
 IG_STEPS = 64  # the tiny 4 leave ~15% quadrature error; 64 cost no more compile
-
-
-def _random_variables(model, image_size, seed):
-  """Variables drawn with numpy (fan-in scaled normals; BN stats mean 0 / var 1): no compiled
-  ``init`` (20 s on two cores for XLA's random bits)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                             np.zeros((1, image_size, image_size, 3), np.float32)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      return (np.ones if "var" in name else np.zeros)(leaf.shape, leaf.dtype)
-    if name.endswith("['scale']"):
-      return np.ones(leaf.shape, leaf.dtype)
-    if len(leaf.shape) == 1:
-      return (rng.normal(size=leaf.shape) * 0.1).astype(leaf.dtype)
-    return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +40,8 @@ def tiny(data_dir, tmp_path_factory):
     pixels.append(px)
   c = imagenet_heatmaps.get_config("tiny")
   model = resnet.ensemble_from_fields(c.model)
-  variables = _random_variables(model, c.data.image_size, seed=1)
+  variables = _random_variables(
+      model, np.zeros((1, c.data.image_size, c.data.image_size, 3), np.float32), seed=1)
   train_dir = str(root / "train")  # what train_classifier_imagenet leaves: <workdir>/ensemble
   checkpoints.save_variables(os.path.join(train_dir, resnet.EXPORT_DIR), variables, {
       "family": "invariant_ensemble", "model_config": {"blocks": [1, 1, 1, 1], "width": 8,

@@ -23,10 +23,9 @@ at the digit rather than its colours.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
 import json
 import os
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
